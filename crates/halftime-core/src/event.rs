@@ -1,0 +1,78 @@
+//! Stress events, plan summaries and progress.
+
+use crate::ids::EventId;
+use crate::region::RegionId;
+use serde::{Deserialize, Serialize};
+
+/// Priority, after the Zigbee Smart Energy DRLC criticality levels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Priority {
+    Normal,
+    High,
+    Emergency,
+}
+
+/// A validated stress event request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StressEventSpec {
+    /// Sorted, unique.
+    pub regions: Vec<RegionId>,
+    /// Start of slot 0.
+    pub start_unix_ms: i64,
+    /// Reduction wanted per one-minute slot, W.
+    pub target_w: Vec<f64>,
+    pub deferral_min_max: u32,
+    pub priority: Priority,
+    pub idempotency_key: String,
+}
+
+impl StressEventSpec {
+    pub fn end_unix_ms(&self) -> i64 {
+        self.start_unix_ms + self.target_w.len() as i64 * crate::time::MS_PER_MIN
+    }
+
+    pub fn target_peak_w(&self) -> f64 {
+        self.target_w.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventState {
+    Scheduled,
+    Active,
+    Completed,
+    Cancelled,
+}
+
+/// What the planner expects to deliver, as recorded and returned for an event.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlanSummary {
+    pub start_unix_ms: i64,
+    pub target_w: Vec<f64>,
+    pub expected_w: Vec<f64>,
+    pub shortfall_w: Vec<f64>,
+    pub rebound_w: Vec<f64>,
+    pub n_appliances: u64,
+    pub n_households: u64,
+    pub n_cohorts: u32,
+    pub lp_solve_us: u64,
+}
+
+/// Live progress of an event, as `WatchEvent` streams it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventProgress {
+    pub event: EventId,
+    pub state: EventState,
+    pub dispatched: u64,
+    pub acknowledged: u64,
+    pub started: u64,
+    pub completed: u64,
+    pub overridden: u64,
+    pub rejected: u64,
+    pub expired: u64,
+    pub start_unix_ms: i64,
+    pub target_w: Vec<f64>,
+    pub expected_w: Vec<f64>,
+    pub delivered_w: Vec<f64>,
+    pub n_households: u64,
+}

@@ -1,0 +1,24 @@
+//! Halftime's pure domain core.
+//!
+//! Ids, units, appliance classes, household limits, stress events, commands and their canonical encoding,
+//! and the validation every request passes through. Nothing here does I/O or reads a clock: time is passed in
+//! as milliseconds since the Unix epoch (`*_unix_ms`). Every other crate builds on these types.
+
+pub mod appliance;
+pub mod command;
+pub mod event;
+pub mod ids;
+pub mod limits;
+pub mod region;
+pub mod report;
+pub mod time;
+pub mod validate;
+
+pub use appliance::{Appliance, ApplianceClass, ClassProfile};
+pub use command::{CommandKind, DeferralCommand, SignedCommand};
+pub use event::{EventProgress, EventState, PlanSummary, Priority, StressEventSpec};
+pub use ids::{ApplianceId, EventId, HouseholdId};
+pub use limits::{Limits, QuietWindow, Reservation, ReservationCheck};
+pub use region::{RegionId, RegionSet};
+pub use report::{DeviceReport, DeviceStatus, RejectReason};
+pub use validate::FieldError;

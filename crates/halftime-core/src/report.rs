@@ -1,0 +1,65 @@
+//! What devices report back.
+
+use crate::ids::{ApplianceId, EventId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeviceStatus {
+    /// Reserved and signed; not yet acknowledged (engine side only).
+    Dispatched,
+    Received,
+    Started,
+    Completed,
+    Overridden,
+    Rejected,
+    Released,
+    /// Expired without acknowledgement (engine side only).
+    Expired,
+}
+
+impl DeviceStatus {
+    /// Whether no further report is expected for this command.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            DeviceStatus::Completed
+                | DeviceStatus::Overridden
+                | DeviceStatus::Rejected
+                | DeviceStatus::Released
+                | DeviceStatus::Expired
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, thiserror::Error)]
+pub enum RejectReason {
+    #[error("bad signature")]
+    BadSignature,
+    #[error("unknown key id")]
+    UnknownKey,
+    #[error("expired")]
+    Expired,
+    #[error("replayed counter")]
+    Replayed,
+    #[error("longer than the device's own longest deferral")]
+    ExceedsLocalCap,
+    #[error("device's own daily deferral total reached")]
+    DailyCapReached,
+    #[error("malformed or misaddressed")]
+    Malformed,
+    #[error("appliance refused")]
+    ApplianceRefused,
+}
+
+/// A device's report about one command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    pub device: ApplianceId,
+    pub event: EventId,
+    pub counter: u64,
+    pub status: DeviceStatus,
+    pub reject_reason: Option<RejectReason>,
+    pub at_unix_ms: i64,
+    /// Load shed, for `Started`.
+    pub reduction_w: u32,
+}

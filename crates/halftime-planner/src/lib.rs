@@ -1,0 +1,385 @@
+//! The deferral planner.
+//!
+//! Given a per-minute reduction target and the eligible supply grouped into cohorts, an LP (built with
+//! `good_lp`, solved by the pure-Rust `microlp` by default) decides how many appliances of each cohort start a
+//! deferral in each slot and for how long, so that:
+//!
+//! - the target is met in every slot, net of each cohort's expected override rate and of the rebound of
+//!   appliances already released, or the shortfall per slot is reported;
+//! - no cohort is given a deferral longer than its budget band allows;
+//! - the rebound (payback) of released appliances never exceeds a configured fraction of the peak target, which
+//!   forces releases to be staggered;
+//! - discomfort is least, weighted by appliance class and by burden band, so the least-burdened go first.
+//!
+//! Cohorts that differ only by region have identical coefficients, so the LP runs over "columns" (class x
+//! budget band x burden band) and each column's result is split back over its cohorts in proportion to their
+//! sizes. Every term is linear in the count, so the split preserves expected reduction and rebound exactly.
+//!
+//! Pure: no I/O, no clock, no async. The caller runs it off the async executor.
+
+mod cohort;
+
+pub use cohort::{
+    BUDGET_BAND_FLOORS_MIN, BURDEN_BAND_WEIGHTS, Cohort, CohortKey, DEFERRAL_MIN_MIN,
+    N_BURDEN_BANDS, budget_band, budget_band_floor_min,
+};
+
+use good_lp::{Expression, ProblemVariables, Solution, SolverModel, Variable, variable};
+use halftime_core::ApplianceClass;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Most start slots per column in the LP; longer events start deferrals every few slots instead.
+pub const N_START_SLOTS_MAX: usize = 60;
+/// Most cohorts one plan may consider.
+pub const N_COHORTS_MAX: usize = 100_000;
+/// Slots after the last possible start over which the rebound cap is enforced. Payback that spreads further
+/// (EV sessions) is thin and still shows in the evaluation.
+pub const REBOUND_HORIZON_TAIL_SLOTS: u32 = 90;
+/// Penalty per kW-slot of shortfall: far above the cost of any deferral, so the target is met when it can be.
+const SHORTFALL_PENALTY_PER_KW_SLOT: f64 = 1e4;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanRequest {
+    /// Reduction wanted per one-minute slot, W.
+    pub target_w: Vec<f64>,
+    pub cohorts: Vec<Cohort>,
+    /// Rebound in any slot may not exceed this fraction of the peak target.
+    pub rebound_fraction_max: f64,
+    /// The event's longest deferral.
+    pub deferral_min_max: u32,
+}
+
+/// `n` appliances of cohort `cohort` start a deferral of `deferral_min` minutes at `start_slot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub cohort: usize,
+    pub start_slot: u32,
+    pub deferral_min: u32,
+    pub n: u32,
+}
+
+/// Expected effect of a set of allocations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Evaluation {
+    /// Net expected reduction per target slot, W (active reduction less rebound).
+    pub expected_w: Vec<f64>,
+    /// Target not met per slot, W.
+    pub shortfall_w: Vec<f64>,
+    /// Expected load above baseline per slot from slot 0 (payback not absorbed by other deferrals), W; runs past
+    /// the target window.
+    pub rebound_w: Vec<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub allocations: Vec<Allocation>,
+    pub evaluation: Evaluation,
+    pub lp_solve_us: u64,
+    pub n_columns: usize,
+    pub n_variables: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("invalid plan request: {0}")]
+    Invalid(&'static str),
+    #[error("LP solver failed: {0}")]
+    Solver(String),
+}
+
+/// Number of slots over which a class pays back a deferral of `deferral_min`.
+pub fn payback_slots(class: ApplianceClass, deferral_min: u32) -> u32 {
+    let f = class.profile().payback_window_factor;
+    // Bounded: deferral_min <= 240 and factor <= 2.
+    ((f64::from(deferral_min) * f).ceil() as u32).max(1)
+}
+
+/// The LP's grouping of cohorts with identical coefficients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ColumnKey {
+    class: ApplianceClass,
+    budget_band: u8,
+    burden_band: u8,
+}
+
+struct Column {
+    key: ColumnKey,
+    cohorts: Vec<usize>,
+    n_appliances: u32,
+    /// Per appliance, W: mean expected shed, and net of overrides.
+    reduction_w: f64,
+    reduction_w_net: f64,
+    deferral_options_min: Vec<u32>,
+}
+
+fn columns(req: &PlanRequest) -> Vec<Column> {
+    let mut by_key: BTreeMap<ColumnKey, Vec<usize>> = BTreeMap::new();
+    for (i, c) in req.cohorts.iter().enumerate() {
+        if c.n_appliances == 0 || c.reduction_w_net_sum <= 0.0 {
+            continue;
+        }
+        let key = ColumnKey {
+            class: c.key.class,
+            budget_band: c.key.budget_band,
+            burden_band: c.key.burden_band,
+        };
+        by_key.entry(key).or_default().push(i);
+    }
+    by_key
+        .into_iter()
+        .filter_map(|(key, cohorts)| {
+            let n_appliances: u32 = cohorts.iter().map(|&i| req.cohorts[i].n_appliances).sum();
+            let sum: f64 = cohorts
+                .iter()
+                .map(|&i| req.cohorts[i].reduction_w_sum)
+                .sum();
+            let sum_net: f64 = cohorts
+                .iter()
+                .map(|&i| req.cohorts[i].reduction_w_net_sum)
+                .sum();
+            let cap = budget_band_floor_min(key.budget_band).min(req.deferral_min_max);
+            if cap < DEFERRAL_MIN_MIN {
+                return None;
+            }
+            let mut deferral_options_min = vec![cap];
+            let half = cap.div_ceil(2);
+            if half >= DEFERRAL_MIN_MIN && half < cap {
+                deferral_options_min.push(half);
+            }
+            Some(Column {
+                key,
+                cohorts,
+                n_appliances,
+                reduction_w: sum / f64::from(n_appliances),
+                reduction_w_net: sum_net / f64::from(n_appliances),
+                deferral_options_min,
+            })
+        })
+        .collect()
+}
+
+/// Plans the event. Always succeeds for a valid request: an unmeetable target shows as shortfall.
+pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
+    validate(req)?;
+    // validate() bounds the target to N_SLOTS_MAX.
+    let n_slots = req.target_w.len() as u32;
+    let columns = columns(req);
+    // Deferrals may start after the target window too, to absorb the payback of earlier ones.
+    let tail_starts = columns
+        .iter()
+        .flat_map(|c| c.deferral_options_min.first().copied())
+        .max()
+        .unwrap_or(0);
+    let n_start_slots = n_slots + tail_starts;
+    let start_step = (n_start_slots as usize).div_ceil(N_START_SLOTS_MAX).max(1);
+    let horizon = n_start_slots + REBOUND_HORIZON_TAIL_SLOTS;
+    let peak_target_w = req.target_w.iter().copied().fold(0.0, f64::max);
+    let rebound_cap_kw = req.rebound_fraction_max * peak_target_w / 1e3;
+
+    let mut vars = ProblemVariables::new();
+    // (column, start slot, deferral minutes, variable)
+    let mut starts: Vec<(usize, u32, u32, Variable)> = Vec::new();
+    let mut objective = Expression::with_capacity(columns.len() * 64);
+    // Net load change below baseline per slot: active deferrals less rebound.
+    let mut net: Vec<Expression> = (0..horizon)
+        .map(|_| Expression::with_capacity(64))
+        .collect();
+    let mut capacity: Vec<Expression> = (0..columns.len())
+        .map(|_| Expression::with_capacity(64))
+        .collect();
+    for (j, col) in columns.iter().enumerate() {
+        let profile = col.key.class.profile();
+        let weight =
+            profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
+        let r_kw = col.reduction_w / 1e3;
+        let r_net_kw = col.reduction_w_net / 1e3;
+        for &d in &col.deferral_options_min {
+            let l = payback_slots(col.key.class, d);
+            let rebound_kw = r_kw * f64::from(d) / f64::from(l);
+            for s in (0..n_start_slots).step_by(start_step) {
+                let v = vars.add(variable().min(0.0).max(f64::from(col.n_appliances)));
+                starts.push((j, s, d, v));
+                // Cost: kW-minutes of discomfort, plus a tie-break towards shorter deferrals.
+                objective.add_mul(weight * r_kw * f64::from(d) + 1e-6 * f64::from(d), v);
+                for t in s..(s + d).min(horizon) {
+                    net[t as usize].add_mul(r_net_kw, v);
+                }
+                for t in (s + d).min(horizon)..(s + d + l).min(horizon) {
+                    net[t as usize].add_mul(-rebound_kw, v);
+                }
+                capacity[j].add_mul(1.0, v);
+            }
+        }
+    }
+    let shortfall: Vec<Variable> = (0..n_slots)
+        .map(|_| vars.add(variable().min(0.0)))
+        .collect();
+    for &sf in &shortfall {
+        objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT, sf);
+    }
+    let n_variables = starts.len() + shortfall.len();
+    let mut problem = vars.minimise(objective).using(solver);
+    for (t, mut expr) in net.into_iter().enumerate() {
+        if t < n_slots as usize {
+            expr.add_mul(1.0, shortfall[t]);
+            problem.add_constraint(expr.geq(req.target_w[t] / 1e3));
+        } else {
+            // After the window, load may rise above baseline by at most the rebound cap.
+            problem.add_constraint(expr.geq(-rebound_cap_kw));
+        }
+    }
+    for (j, expr) in capacity.into_iter().enumerate() {
+        problem.add_constraint(expr.leq(f64::from(columns[j].n_appliances)));
+    }
+    let t0 = Instant::now();
+    let solution = problem
+        .solve()
+        .map_err(|e| PlanError::Solver(e.to_string()))?;
+    let lp_solve_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+
+    let allocations = round_and_split(req, &columns, &starts, |v| solution.value(v));
+    let evaluation = evaluate(req, &allocations);
+    Ok(Plan {
+        allocations,
+        evaluation,
+        lp_solve_us,
+        n_columns: columns.len(),
+        n_variables,
+    })
+}
+
+#[cfg(feature = "highs")]
+use good_lp::highs as solver;
+#[cfg(not(feature = "highs"))]
+use good_lp::microlp as solver;
+
+fn validate(req: &PlanRequest) -> Result<(), PlanError> {
+    if req.target_w.is_empty() || req.target_w.len() > halftime_core::validate::N_SLOTS_MAX {
+        return Err(PlanError::Invalid("target must have 1..=240 slots"));
+    }
+    if req.target_w.iter().any(|w| !w.is_finite() || *w < 0.0) {
+        return Err(PlanError::Invalid("target must be finite and >= 0"));
+    }
+    if req.cohorts.len() > N_COHORTS_MAX {
+        return Err(PlanError::Invalid("too many cohorts"));
+    }
+    if !(0.0..=1.0).contains(&req.rebound_fraction_max) {
+        return Err(PlanError::Invalid("rebound fraction must be in 0..=1"));
+    }
+    if req
+        .cohorts
+        .iter()
+        .any(|c| !c.reduction_w_sum.is_finite() || !c.reduction_w_net_sum.is_finite())
+    {
+        return Err(PlanError::Invalid("cohort reductions must be finite"));
+    }
+    Ok(())
+}
+
+/// Rounds each LP start count up to whole appliances (within the column's capacity), then splits it over the
+/// column's cohorts in proportion to their remaining sizes (largest remainder).
+fn round_and_split(
+    req: &PlanRequest,
+    columns: &[Column],
+    starts: &[(usize, u32, u32, Variable)],
+    value: impl Fn(Variable) -> f64,
+) -> Vec<Allocation> {
+    let mut left_in_column: Vec<u32> = columns.iter().map(|c| c.n_appliances).collect();
+    let mut left_in_cohort: Vec<u32> = req.cohorts.iter().map(|c| c.n_appliances).collect();
+    let mut out = Vec::new();
+    for &(j, s, d, v) in starts {
+        let x = value(v);
+        // Rounding up keeps the target met; a hair of solver noise is not an appliance.
+        let want = if x > 0.05 {
+            (x - 0.05).ceil() as u32
+        } else {
+            0
+        };
+        let n = want.min(left_in_column[j]);
+        if n == 0 {
+            continue;
+        }
+        left_in_column[j] -= n;
+        let cohorts = &columns[j].cohorts;
+        let total_left: u32 = cohorts.iter().map(|&i| left_in_cohort[i]).sum();
+        debug_assert!(total_left >= n);
+        let mut shares: Vec<(usize, u32, f64)> = cohorts
+            .iter()
+            .map(|&i| {
+                let exact =
+                    f64::from(n) * f64::from(left_in_cohort[i]) / f64::from(total_left.max(1));
+                (i, exact.floor() as u32, exact - exact.floor())
+            })
+            .collect();
+        let mut given: u32 = shares.iter().map(|s| s.1).sum();
+        shares.sort_by(|a, b| b.2.total_cmp(&a.2));
+        for share in shares.iter_mut() {
+            if given >= n {
+                break;
+            }
+            if share.1 < left_in_cohort[share.0] {
+                share.1 += 1;
+                given += 1;
+            }
+        }
+        for (i, k, _) in shares {
+            let k = k.min(left_in_cohort[i]);
+            if k > 0 {
+                left_in_cohort[i] -= k;
+                out.push(Allocation {
+                    cohort: i,
+                    start_slot: s,
+                    deferral_min: d,
+                    n: k,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The expected effect of allocations: used for the plan, and again after picking with the counts actually
+/// reserved, so that what the operator is told matches what was dispatched.
+pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
+    let n_slots = req.target_w.len();
+    // Net load change below baseline per slot, W, from slot 0 until the last payback ends.
+    let mut net_w: Vec<f64> = vec![0.0; n_slots];
+    for a in allocations {
+        let c = &req.cohorts[a.cohort];
+        if c.n_appliances == 0 {
+            continue;
+        }
+        let per_w = c.reduction_w_sum / f64::from(c.n_appliances);
+        let per_net_w = c.reduction_w_net_sum / f64::from(c.n_appliances);
+        let n = f64::from(a.n);
+        let (s, d) = (a.start_slot as usize, a.deferral_min as usize);
+        let l = payback_slots(c.key.class, a.deferral_min) as usize;
+        if net_w.len() < s + d + l {
+            net_w.resize(s + d + l, 0.0);
+        }
+        for slot in &mut net_w[s..s + d] {
+            *slot += n * per_net_w;
+        }
+        let each = n * per_w * d as f64 / l as f64;
+        for slot in &mut net_w[s + d..s + d + l] {
+            *slot -= each;
+        }
+    }
+    let expected_w: Vec<f64> = net_w[..n_slots].to_vec();
+    let shortfall_w = req
+        .target_w
+        .iter()
+        .zip(&expected_w)
+        .map(|(t, e)| (t - e).max(0.0))
+        .collect();
+    let rebound_w = net_w.iter().map(|n| (-n).max(0.0)).collect();
+    Evaluation {
+        expected_w,
+        shortfall_w,
+        rebound_w,
+    }
+}
+
+#[cfg(test)]
+mod tests;
