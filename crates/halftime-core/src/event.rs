@@ -76,3 +76,13 @@ pub struct EventProgress {
     pub delivered_w: Vec<f64>,
     pub n_households: u64,
 }
+
+/// An accepted event as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: EventId,
+    pub spec: StressEventSpec,
+    pub state: EventState,
+    pub plan: PlanSummary,
+    pub accepted_unix_ms: i64,
+}

@@ -16,9 +16,9 @@ pub mod validate;
 
 pub use appliance::{Appliance, ApplianceClass, ClassProfile};
 pub use command::{CommandKind, DeferralCommand, SignedCommand};
-pub use event::{EventProgress, EventState, PlanSummary, Priority, StressEventSpec};
+pub use event::{EventProgress, EventRecord, EventState, PlanSummary, Priority, StressEventSpec};
 pub use ids::{ApplianceId, EventId, HouseholdId};
-pub use limits::{Limits, QuietWindow, Reservation, ReservationCheck};
+pub use limits::{Limits, QuietWindow, Reservation, ReservationCheck, Violation, audit};
 pub use region::{RegionId, RegionSet};
-pub use report::{DeviceReport, DeviceStatus, RejectReason};
+pub use report::{DeviceReport, DeviceStatus, Outcome, RejectReason};
 pub use validate::FieldError;

@@ -349,3 +349,77 @@ mod tests {
         assert!(eff.never);
     }
 }
+
+/// One broken limit found by [`audit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub household: HouseholdId,
+    pub what: ReservationCheck,
+}
+
+/// Audits a household's final set of reservations against its effective limits, independently of
+/// [`check_reservation`] (whole-set aggregates and pairwise gaps rather than one-at-a-time admission). Tests
+/// and simulations use it to prove the ledger never admitted a set that breaks a limit.
+pub fn audit(
+    limits: &Limits,
+    appliance_deferral_min_max: impl Fn(ApplianceId) -> u32,
+    set: &[Reservation],
+) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let Some(first) = set.first() else { return out };
+    let household = first.household;
+    let mut flag = |what| out.push(Violation { household, what });
+    if !set.is_empty() && limits.never {
+        flag(ReservationCheck::Never);
+    }
+    if !set.is_empty() && limits.paused {
+        flag(ReservationCheck::Paused);
+    }
+    let mut days: Vec<i64> = set.iter().map(Reservation::day).collect();
+    days.sort_unstable();
+    days.dedup();
+    for day in days {
+        let today: Vec<&Reservation> = set.iter().filter(|r| r.day() == day).collect();
+        let mut events: Vec<EventId> = today.iter().map(|r| r.event).collect();
+        events.sort_unstable();
+        events.dedup();
+        if events.len() as u64 > u64::from(limits.events_per_day_max) {
+            flag(ReservationCheck::EventsPerDay);
+        }
+        let minutes: u64 = today.iter().map(|r| u64::from(r.charged_min())).sum();
+        if minutes > u64::from(limits.deferred_min_per_day_max) {
+            flag(ReservationCheck::MinutesPerDay);
+        }
+    }
+    let rest_ms = i64::from(limits.rest_min_min) * MS_PER_MIN;
+    for (i, a) in set.iter().enumerate() {
+        let cap_s = u64::from(
+            limits
+                .deferral_min_max
+                .min(appliance_deferral_min_max(a.appliance)),
+        ) * 60;
+        if u64::from(a.deferral_s) > cap_s {
+            flag(ReservationCheck::DeferralTooLong);
+        }
+        if limits
+            .quiet_windows
+            .iter()
+            .any(|w| w.overlaps(a.not_before_unix_ms, a.not_after_unix_ms))
+        {
+            flag(ReservationCheck::QuietWindow);
+        }
+        for b in &set[i + 1..] {
+            let overlap = a.not_before_unix_ms < b.not_after_unix_ms
+                && b.not_before_unix_ms < a.not_after_unix_ms;
+            if a.appliance == b.appliance && overlap {
+                flag(ReservationCheck::ApplianceBusy);
+            }
+            let gap_ok = a.not_after_unix_ms + rest_ms <= b.not_before_unix_ms
+                || b.not_after_unix_ms + rest_ms <= a.not_before_unix_ms;
+            if a.event != b.event && !gap_ok {
+                flag(ReservationCheck::Rest);
+            }
+        }
+    }
+    out
+}

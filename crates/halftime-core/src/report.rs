@@ -63,3 +63,14 @@ pub struct DeviceReport {
     /// Load shed, for `Started`.
     pub reduction_w: u32,
 }
+
+/// A status change recorded by the engine for one command (from a device report, an override, a release or
+/// an expiry), as the store keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub event: EventId,
+    pub appliance: ApplianceId,
+    pub household: crate::ids::HouseholdId,
+    pub status: DeviceStatus,
+    pub at_unix_ms: i64,
+}
