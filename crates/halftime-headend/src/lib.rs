@@ -1,1 +1,357 @@
+//! The head-end: delivers signed commands to devices over links, each link a device or a gateway that
+//! multiplexes many devices.
+//!
+//! - Every link has a bounded queue of command batches. Delivery never waits on a link: a full queue leaves
+//!   the command unacknowledged, and the retry tick sends it again later, so a slow link never stalls others.
+//! - A command stays unacknowledged until its device reports receipt; it is re-sent every `retry_interval`
+//!   until its expiry, then given up and reported as expired.
+//! - A device with no link (offline) gets its commands when it attaches.
+//! - Every command not yet expired is kept per device for resync after a reconnect.
+//!
+//! Time is passed in. The transport (gRPC streams) lives in the server; this crate sees only channels.
 
+use dashmap::DashMap;
+use halftime_core::{ApplianceId, SignedCommand};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use tokio::sync::mpsc;
+
+/// Most commands in one batch sent down a link.
+pub const BATCH_LEN_MAX: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct HeadEndConfig {
+    /// Batches a link may have queued before it counts as slow.
+    pub link_queue_batches: usize,
+    /// Re-send an unacknowledged command after this long.
+    pub retry_interval_ms: i64,
+    /// Most commands held unacknowledged at once; beyond it, new dispatches are refused.
+    pub outstanding_max: usize,
+}
+
+impl Default for HeadEndConfig {
+    fn default() -> Self {
+        Self {
+            link_queue_batches: 256,
+            retry_interval_ms: 5_000,
+            outstanding_max: 20_000_000,
+        }
+    }
+}
+
+pub type LinkId = u64;
+
+/// What a link receives: batches of commands.
+pub type LinkReceiver = mpsc::Receiver<Vec<SignedCommand>>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadEndError {
+    #[error(
+        "head-end full: {outstanding} commands outstanding, {requested} more would pass the limit of {max}"
+    )]
+    Full {
+        outstanding: usize,
+        requested: usize,
+        max: usize,
+    },
+}
+
+struct Unacked {
+    command: SignedCommand,
+    next_retry_unix_ms: i64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TickReport {
+    pub resent: u64,
+    pub deferred_by_backpressure: u64,
+}
+
+pub struct HeadEnd {
+    config: HeadEndConfig,
+    next_link: AtomicU64,
+    links: DashMap<LinkId, mpsc::Sender<Vec<SignedCommand>>>,
+    routes: DashMap<ApplianceId, LinkId>,
+    unacked: DashMap<ApplianceId, Vec<Unacked>>,
+    n_unacked: AtomicUsize,
+    active: DashMap<ApplianceId, Vec<SignedCommand>>,
+}
+
+impl std::fmt::Debug for HeadEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadEnd")
+            .field("links", &self.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeadEnd {
+    pub fn new(config: HeadEndConfig) -> Arc<Self> {
+        assert!(config.link_queue_batches > 0 && config.retry_interval_ms > 0);
+        Arc::new(Self {
+            config,
+            next_link: AtomicU64::new(1),
+            links: DashMap::new(),
+            routes: DashMap::new(),
+            unacked: DashMap::new(),
+            n_unacked: AtomicUsize::new(0),
+            active: DashMap::new(),
+        })
+    }
+
+    pub fn n_links(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn n_unacked(&self) -> usize {
+        self.n_unacked.load(Ordering::Relaxed)
+    }
+
+    /// Whether `n` more commands may be dispatched.
+    pub fn admit(&self, n: usize) -> Result<(), HeadEndError> {
+        let outstanding = self.n_unacked();
+        if outstanding.saturating_add(n) > self.config.outstanding_max {
+            return Err(HeadEndError::Full {
+                outstanding,
+                requested: n,
+                max: self.config.outstanding_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Attaches a link serving `devices` (a later link for the same device takes over its route), and sends it
+    /// whatever those devices have unacknowledged.
+    pub fn attach(&self, devices: &[ApplianceId], now_unix_ms: i64) -> (LinkId, LinkReceiver) {
+        let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.link_queue_batches);
+        self.links.insert(id, tx);
+        let mut pending = Vec::new();
+        for &d in devices {
+            self.routes.insert(d, id);
+            if let Some(mut list) = self.unacked.get_mut(&d) {
+                for u in list
+                    .iter_mut()
+                    .filter(|u| u.command.command.not_after_unix_ms > now_unix_ms)
+                {
+                    u.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                    pending.push(u.command);
+                }
+            }
+        }
+        metrics::gauge!("halftime_headend_links").set(self.links.len() as f64);
+        self.send_to_link(id, pending);
+        (id, rx)
+    }
+
+    /// Detaches a link; its devices become offline until they attach again.
+    pub fn detach(&self, link: LinkId) {
+        self.links.remove(&link);
+        self.routes.retain(|_, l| *l != link);
+        metrics::gauge!("halftime_headend_links").set(self.links.len() as f64);
+    }
+
+    /// Queues commands for delivery. Never waits: what a link cannot take now is re-sent by [`Self::tick`].
+    pub fn enqueue(&self, commands: &[SignedCommand], now_unix_ms: i64) -> u64 {
+        let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
+        for c in commands {
+            let device = c.command.device;
+            self.unacked.entry(device).or_default().push(Unacked {
+                command: *c,
+                next_retry_unix_ms: now_unix_ms + self.config.retry_interval_ms,
+            });
+            let mut active = self.active.entry(device).or_default();
+            active.retain(|a| a.command.not_after_unix_ms > now_unix_ms);
+            active.push(*c);
+            if let Some(link) = self.routes.get(&device) {
+                by_link.entry(*link).or_default().push(*c);
+            }
+        }
+        self.n_unacked.fetch_add(commands.len(), Ordering::Relaxed);
+        let mut deferred = 0;
+        for (link, cmds) in by_link {
+            deferred += self.send_to_link(link, cmds);
+        }
+        metrics::counter!("halftime_headend_commands_enqueued_total")
+            .increment(commands.len() as u64);
+        deferred
+    }
+
+    /// Sends in batches; returns how many commands the link could not take now.
+    fn send_to_link(&self, link: LinkId, commands: Vec<SignedCommand>) -> u64 {
+        let Some(tx) = self.links.get(&link).map(|t| t.clone()) else {
+            return commands.len() as u64;
+        };
+        let mut deferred = 0u64;
+        for chunk in commands.chunks(BATCH_LEN_MAX) {
+            if tx.try_send(chunk.to_vec()).is_err() {
+                deferred += chunk.len() as u64;
+            }
+        }
+        if deferred > 0 {
+            metrics::counter!("halftime_headend_backpressure_total").increment(deferred);
+        }
+        deferred
+    }
+
+    /// A device acknowledged the command with this counter.
+    pub fn ack(&self, device: ApplianceId, counter: u64) -> bool {
+        let mut removed = false;
+        if let Some(mut list) = self.unacked.get_mut(&device) {
+            let before = list.len();
+            list.retain(|u| u.command.command.counter != counter);
+            removed = list.len() < before;
+        }
+        if removed {
+            self.n_unacked.fetch_sub(1, Ordering::Relaxed);
+            self.unacked.remove_if(&device, |_, l| l.is_empty());
+        }
+        removed
+    }
+
+    /// Re-sends what is due and gives up on what has expired; returns the expired commands.
+    pub fn tick(&self, now_unix_ms: i64) -> (Vec<SignedCommand>, TickReport) {
+        let mut expired = Vec::new();
+        let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
+        self.unacked.retain(|device, list| {
+            list.retain_mut(|u| {
+                if u.command.command.not_after_unix_ms <= now_unix_ms {
+                    expired.push(u.command);
+                    return false;
+                }
+                if u.next_retry_unix_ms <= now_unix_ms {
+                    u.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                    if let Some(link) = self.routes.get(device) {
+                        by_link.entry(*link).or_default().push(u.command);
+                    }
+                }
+                true
+            });
+            !list.is_empty()
+        });
+        self.n_unacked.fetch_sub(expired.len(), Ordering::Relaxed);
+        self.active.retain(|_, list| {
+            list.retain(|c| c.command.not_after_unix_ms > now_unix_ms);
+            !list.is_empty()
+        });
+        let mut report = TickReport::default();
+        for (link, cmds) in by_link {
+            report.resent += cmds.len() as u64;
+            report.deferred_by_backpressure += self.send_to_link(link, cmds);
+        }
+        metrics::counter!("halftime_headend_resent_total").increment(report.resent);
+        metrics::counter!("halftime_headend_expired_total").increment(expired.len() as u64);
+        metrics::gauge!("halftime_headend_unacked").set(self.n_unacked() as f64);
+        (expired, report)
+    }
+
+    /// Commands for a device that have not expired, oldest first (for resync after a reconnect).
+    pub fn active_for(&self, device: ApplianceId, now_unix_ms: i64) -> Vec<SignedCommand> {
+        self.active
+            .get(&device)
+            .map(|l| {
+                l.iter()
+                    .filter(|c| c.command.not_after_unix_ms > now_unix_ms)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Remembers a command for resync without sending it (recovery after a restart).
+    pub fn restore_active(&self, command: SignedCommand) {
+        self.active
+            .entry(command.command.device)
+            .or_default()
+            .push(command);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halftime_core::{CommandKind, DeferralCommand, EventId};
+
+    fn cmd(device: u64, counter: u64, not_after: i64) -> SignedCommand {
+        SignedCommand {
+            command: DeferralCommand {
+                kind: CommandKind::Defer,
+                key_id: 1,
+                device: ApplianceId(device),
+                event: EventId(1),
+                counter,
+                not_before_unix_ms: 0,
+                not_after_unix_ms: not_after,
+                deferral_s: 60,
+                randomize_start_s: 0,
+            },
+            signature: [0; 64],
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_acks_retries_and_expires() {
+        let he = HeadEnd::new(HeadEndConfig {
+            link_queue_batches: 4,
+            retry_interval_ms: 1_000,
+            outstanding_max: 100,
+        });
+        // Device 2 is offline when the command is queued and gets it on attach.
+        let (_l1, mut rx1) = he.attach(&[ApplianceId(1)], 0);
+        he.enqueue(&[cmd(1, 10, 60_000), cmd(2, 11, 60_000)], 0);
+        assert_eq!(rx1.recv().await.unwrap().len(), 1);
+        let (_l2, mut rx2) = he.attach(&[ApplianceId(2)], 10);
+        assert_eq!(rx2.recv().await.unwrap()[0].command.counter, 11);
+        assert_eq!(he.n_unacked(), 2);
+        assert!(he.ack(ApplianceId(1), 10));
+        assert!(!he.ack(ApplianceId(1), 10), "a second ack changes nothing");
+        // Unacknowledged 11 is re-sent after the retry interval, then expires.
+        let (expired, report) = he.tick(2_000);
+        assert!(expired.is_empty());
+        assert_eq!(report.resent, 1);
+        assert_eq!(rx2.recv().await.unwrap()[0].command.counter, 11);
+        let (expired, _) = he.tick(60_000);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(he.n_unacked(), 0);
+        assert!(he.active_for(ApplianceId(2), 60_000).is_empty());
+        assert!(he.admit(100).is_ok());
+        assert!(he.admit(101).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_slow_link_does_not_stall_another() {
+        let he = HeadEnd::new(HeadEndConfig {
+            link_queue_batches: 1,
+            retry_interval_ms: 1_000,
+            outstanding_max: 1_000_000,
+        });
+        let (_slow, _slow_rx) = he.attach(&[ApplianceId(1)], 0);
+        let (_fast, mut fast_rx) = he.attach(&[ApplianceId(2)], 0);
+        // The slow link never reads; its queue of one batch fills and the rest is deferred.
+        let mut deferred = 0;
+        for i in 0..5 {
+            deferred += he.enqueue(&[cmd(1, 100 + i, 60_000), cmd(2, 200 + i, 60_000)], 0);
+        }
+        assert_eq!(
+            deferred,
+            4 + 4,
+            "the slow link and the fast one (whose queue is 1) both defer"
+        );
+        let got = fast_rx.recv().await.unwrap();
+        assert_eq!(got[0].command.counter, 200);
+        he.ack(ApplianceId(2), 200);
+        // Deferred commands reach the fast link on the next ticks as it drains.
+        let mut seen = 1;
+        for t in 1..10 {
+            he.tick(t * 1_000);
+            while let Ok(b) = fast_rx.try_recv() {
+                seen += b.len();
+                for c in b {
+                    he.ack(c.command.device, c.command.counter);
+                }
+            }
+        }
+        assert_eq!(seen, 5);
+    }
+}
