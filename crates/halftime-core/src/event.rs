@@ -75,6 +75,8 @@ pub struct EventProgress {
     pub expected_w: Vec<f64>,
     pub delivered_w: Vec<f64>,
     pub n_households: u64,
+    /// The event's last deferral has expired: nothing more will change.
+    pub closed: bool,
 }
 
 /// An accepted event as the store keeps it.

@@ -73,4 +73,6 @@ pub struct Outcome {
     pub household: crate::ids::HouseholdId,
     pub status: DeviceStatus,
     pub at_unix_ms: i64,
+    /// Load shed, for `Started`.
+    pub reduction_w: u32,
 }

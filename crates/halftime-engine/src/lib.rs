@@ -1,1 +1,919 @@
+//! The Halftime engine: the main path from a stress event to signed commands queued at the head-end, and the
+//! closed loop back from device reports. Transport-free: the gRPC server and the scenario runner drive it.
+//!
+//! Submit: validate, record durably (with its idempotency key), plan and pick on a blocking thread (cohorts,
+//! LP, least-burdened first, atomic reservations in the ledger), sign, make reservations, commands and the
+//! counter high-water mark durable in one transaction, then queue at the head-end and answer with the plan.
 
+mod dispatch;
+mod registry;
+mod runtime;
+
+pub use registry::Registry;
+pub use runtime::add_interval;
+
+use dashmap::DashMap;
+use halftime_core::time::{Clock, MS_PER_MIN};
+use halftime_core::validate::{self, StressEventInput};
+use halftime_core::{
+    Appliance, ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport, DeviceStatus, EventId,
+    EventProgress, EventRecord, EventState, FieldError, HouseholdId, Limits, Outcome, PlanSummary, Priority,
+    RegionId, RegionSet, SignedCommand, StressEventSpec,
+};
+use halftime_headend::{HeadEnd, HeadEndConfig, LinkId, LinkReceiver};
+use halftime_ledger::Ledger;
+use halftime_signer::Signer;
+use halftime_store::{Dispatch, Store};
+use runtime::EventRuntime;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub regions: RegionSet,
+    /// System-wide fairness caps; a household's effective limits are the tighter of these and its own.
+    pub system_caps: Limits,
+    /// Rebound in any slot may not exceed this fraction of the event's peak target.
+    pub rebound_fraction_max: f64,
+    pub fairness_window_days: u32,
+    pub retention_days: u32,
+    /// Devices pick a random start offset in [0, this] (IEEE 2030.5 randomizeStart).
+    pub randomize_start_s: u32,
+    /// Cancel staggers releases over this many minutes unless the request says otherwise.
+    pub release_over_min_default: u32,
+    pub headend: HeadEndConfig,
+    /// Real time between ticks of the closed loop (retries, expiries, progress).
+    pub tick_interval_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            regions: RegionSet::gb_dno_areas(),
+            system_caps: Limits::system_default(),
+            rebound_fraction_max: 0.1,
+            fairness_window_days: 7,
+            retention_days: 30,
+            randomize_start_s: 30,
+            release_over_min_default: 5,
+            headend: HeadEndConfig::default(),
+            tick_interval_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(#[from] FieldError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<halftime_store::StoreError> for EngineError {
+    fn from(e: halftime_store::StoreError) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+/// What an operator may ask for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grant {
+    /// Regions the caller may target; `None` for all.
+    pub regions: Option<Vec<RegionId>>,
+    /// Largest per-slot target the caller may ask for, W.
+    pub target_w_max: f64,
+}
+
+impl Grant {
+    pub fn unrestricted() -> Self {
+        Self { regions: None, target_w_max: f64::INFINITY }
+    }
+}
+
+/// A stress event as submitted, before validation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubmitRequest {
+    pub regions: Vec<String>,
+    pub start_unix_ms: i64,
+    pub target_mw: Vec<f64>,
+    pub target_kw: Vec<f64>,
+    pub deferral_min_max: u32,
+    pub priority: Priority,
+    pub idempotency_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Flexibility {
+    pub deferrable_w: f64,
+    pub n_appliances_eligible: u64,
+    pub by_class: Vec<(ApplianceClass, f64, u64)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    pub event: EventId,
+    pub appliance: ApplianceId,
+    pub class: ApplianceClass,
+    pub not_before_unix_ms: i64,
+    pub not_after_unix_ms: i64,
+    pub deferral_s: u32,
+    pub status: DeviceStatus,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: EngineConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) ledger: Ledger,
+    pub(crate) registry: Registry,
+    pub(crate) signer: Signer,
+    pub(crate) next_counter: AtomicU64,
+    headend: Arc<HeadEnd>,
+    events: DashMap<EventId, Arc<EventRuntime>>,
+    next_event_id: AtomicU64,
+    key_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    outcomes: mpsc::Sender<Outcome>,
+}
+
+/// The engine. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// Outcomes queued for the store at most; reports wait when it is full.
+const OUTCOME_QUEUE_LEN: usize = 65_536;
+/// Outcomes written per store transaction at most.
+const OUTCOME_BATCH_LEN: usize = 16_384;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| EngineError::Internal(format!("blocking task: {e}")))
+}
+
+impl Engine {
+    /// Opens the engine on a data directory, restoring everything it held, and starts its background tasks
+    /// (the closed-loop tick and the outcome writer) on the current Tokio runtime.
+    pub async fn open(config: EngineConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, EngineError> {
+        let dir = data_dir.to_path_buf();
+        let store = Arc::new(blocking(move || Store::open(&dir)).await??);
+        let s = Arc::clone(&store);
+        let signer = blocking(move || -> Result<Signer, EngineError> {
+            match s.signing_seed()? {
+                Some(seed) => Ok(Signer::from_seed(seed)),
+                None => {
+                    let signer = Signer::generate().map_err(|e| EngineError::Internal(e.to_string()))?;
+                    s.set_signing_seed(&signer.seed())?;
+                    Ok(signer)
+                }
+            }
+        })
+        .await??;
+        let (outcome_tx, outcome_rx) = mpsc::channel(OUTCOME_QUEUE_LEN);
+        let inner = Arc::new(Inner {
+            ledger: Ledger::new(config.system_caps.clone(), config.fairness_window_days, config.retention_days),
+            registry: Registry::new(config.regions.len()),
+            headend: HeadEnd::new(config.headend.clone()),
+            config,
+            clock,
+            store,
+            signer,
+            next_counter: AtomicU64::new(1),
+            events: DashMap::new(),
+            next_event_id: AtomicU64::new(1),
+            key_locks: DashMap::new(),
+            outcomes: outcome_tx,
+        });
+        let engine = Engine { inner };
+        engine.recover().await?;
+        tokio::spawn(write_outcomes(Arc::clone(&engine.inner.store), outcome_rx));
+        tokio::spawn(tick_loop(Arc::downgrade(&engine.inner)));
+        Ok(engine)
+    }
+
+    async fn recover(&self) -> Result<(), EngineError> {
+        let store = Arc::clone(&self.inner.store);
+        let (appliances, limits, events, dispatches, outcomes, hwm) = blocking(move || {
+            Ok::<_, EngineError>((
+                store.appliances()?,
+                store.limits()?,
+                store.events()?,
+                store.dispatches()?,
+                store.outcomes()?,
+                store.counter_hwm()?,
+            ))
+        })
+        .await??;
+        let inner = &self.inner;
+        inner.registry.upsert(&appliances);
+        for a in &appliances {
+            inner.ledger.ensure_household(a.household);
+        }
+        for (h, l) in limits {
+            inner.ledger.set_limits(h, l);
+        }
+        // Counters past the high-water mark were never issued; skipping the rest of a lease never reuses one.
+        inner.next_counter.store(hwm + 1, Ordering::SeqCst);
+        let mut max_id = 0;
+        for record in events {
+            max_id = max_id.max(record.id.0);
+            inner.events.insert(record.id, Arc::new(EventRuntime::new(record)));
+        }
+        inner.next_event_id.store(max_id + 1, Ordering::SeqCst);
+        for (event, _, d) in dispatches {
+            for r in &d.reservations {
+                inner.ledger.restore(*r, DeviceStatus::Dispatched);
+            }
+            let Some(rt) = inner.events.get(&event).map(|e| Arc::clone(&e)) else { continue };
+            let mut st = rt.lock();
+            for c in &d.commands {
+                inner.headend.restore_active(*c);
+                if c.command.kind == CommandKind::Defer
+                    && let Some(a) = inner.registry.get(c.command.device) {
+                        st.add_device(a.household, c.command);
+                    }
+            }
+        }
+        for o in outcomes {
+            self.apply_outcome(&o);
+        }
+        for e in inner.events.iter() {
+            e.advance_and_publish(inner.clock.now_unix_ms());
+        }
+        tracing::info!(
+            appliances = inner.registry.len(),
+            events = inner.events.len(),
+            counter_next = inner.next_counter.load(Ordering::SeqCst),
+            "engine recovered"
+        );
+        Ok(())
+    }
+
+    fn apply_outcome(&self, o: &Outcome) -> Option<Arc<EventRuntime>> {
+        let rt = self.inner.events.get(&o.event).map(|e| Arc::clone(&e))?;
+        let end_early = rt.lock().apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w);
+        match end_early {
+            Some(at) => {
+                self.inner.ledger.end_early(o.household, o.event, o.appliance, at, o.status);
+            }
+            None => self.inner.ledger.set_status(o.household, o.event, o.appliance, o.status),
+        }
+        Some(rt)
+    }
+
+    pub fn now_unix_ms(&self) -> i64 {
+        self.inner.clock.now_unix_ms()
+    }
+
+    pub fn regions(&self) -> &RegionSet {
+        &self.inner.config.regions
+    }
+
+    pub fn key_id(&self) -> u32 {
+        self.inner.signer.key_id()
+    }
+
+    pub fn public_key(&self) -> [u8; 32] {
+        self.inner.signer.public_key()
+    }
+
+    pub fn n_appliances(&self) -> usize {
+        self.inner.registry.len()
+    }
+
+    /// The ledger, for invariant checks.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    pub fn appliance(&self, id: ApplianceId) -> Option<Appliance> {
+        self.inner.registry.get(id)
+    }
+
+    /// Enrols or updates appliances (already validated): durable first, then live.
+    pub async fn enrol(&self, appliances: Vec<Appliance>) -> Result<(u64, u64), EngineError> {
+        let store = Arc::clone(&self.inner.store);
+        let appliances = blocking(move || store.put_appliances(&appliances).map(|()| appliances)).await??;
+        for a in &appliances {
+            self.inner.ledger.ensure_household(a.household);
+        }
+        let (new, updated) = self.inner.registry.upsert(&appliances);
+        metrics::counter!("halftime_appliances_enrolled_total").increment(new);
+        metrics::gauge!("halftime_appliances").set(self.inner.registry.len() as f64);
+        Ok((new, updated))
+    }
+
+    fn known_household(&self, household: HouseholdId) -> Result<(), EngineError> {
+        if self.inner.ledger.contains(household) {
+            Ok(())
+        } else {
+            Err(EngineError::NotFound(format!("household_id: household {household} is not enrolled")))
+        }
+    }
+
+    /// Sets a household's own limits (validated); returns the effective ones.
+    pub async fn set_limits(&self, household: HouseholdId, limits: Limits) -> Result<Limits, EngineError> {
+        self.known_household(household)?;
+        validate::limits(&limits, "limits")?;
+        let store = Arc::clone(&self.inner.store);
+        let l = limits.clone();
+        blocking(move || store.put_limits(household, &l)).await??;
+        self.inner.ledger.set_limits(household, limits);
+        self.inner.ledger.effective_limits(household).ok_or_else(|| EngineError::Internal("limits vanished".into()))
+    }
+
+    /// (own, effective) limits.
+    pub fn get_limits(&self, household: HouseholdId) -> Result<(Limits, Limits), EngineError> {
+        self.known_household(household)?;
+        let own = self.inner.ledger.own_limits(household);
+        let eff = self.inner.ledger.effective_limits(household);
+        own.zip(eff).ok_or_else(|| EngineError::NotFound(format!("household_id: household {household} is not enrolled")))
+    }
+
+    fn validate_submit(&self, req: &SubmitRequest, grant: &Grant) -> Result<StressEventSpec, EngineError> {
+        let input = StressEventInput {
+            regions: &req.regions,
+            start_unix_ms: req.start_unix_ms,
+            target_mw: &req.target_mw,
+            target_kw: &req.target_kw,
+            deferral_min_max: req.deferral_min_max,
+            priority: req.priority,
+            idempotency_key: &req.idempotency_key,
+        };
+        let spec = validate::stress_event(&input, &self.inner.config.regions, self.now_unix_ms())?;
+        if let Some(allowed) = &grant.regions
+            && let Some(r) = spec.regions.iter().find(|r| !allowed.contains(r)) {
+                return Err(EngineError::PermissionDenied(format!(
+                    "regions: caller may not target region {}",
+                    self.inner.config.regions.code(*r)
+                )));
+            }
+        if spec.target_peak_w() > grant.target_w_max {
+            return Err(EngineError::PermissionDenied(format!(
+                "target: caller may ask for at most {} MW per slot",
+                grant.target_w_max / 1e6
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// Accepts, records, plans, reserves, signs and queues a stress event.
+    pub async fn submit(&self, req: SubmitRequest, grant: &Grant) -> Result<(EventId, PlanSummary), EngineError> {
+        let received = std::time::Instant::now();
+        let spec = self.validate_submit(&req, grant)?;
+        let lock = Arc::clone(&self.inner.key_locks.entry(spec.idempotency_key.clone()).or_default());
+        let _held = lock.lock().await;
+        let store = Arc::clone(&self.inner.store);
+        let key = spec.idempotency_key.clone();
+        if let Some(id) = blocking(move || store.event_by_key(&key)).await?? {
+            let rt = self.runtime(id)?;
+            let st = rt.lock();
+            let mut prior = st.record.spec.clone();
+            if req.start_unix_ms == 0 {
+                prior.start_unix_ms = spec.start_unix_ms;
+            }
+            if prior != spec {
+                return Err(EngineError::AlreadyExists(format!(
+                    "idempotency_key: {:?} was used for a different request (event {id})",
+                    spec.idempotency_key
+                )));
+            }
+            return Ok((id, st.record.plan.clone()));
+        }
+        self.inner.headend.admit(0).map_err(|e| EngineError::ResourceExhausted(e.to_string()))?;
+        let id = EventId(self.inner.next_event_id.fetch_add(1, Ordering::SeqCst));
+        let now = self.now_unix_ms();
+        let mut record = EventRecord {
+            id,
+            spec,
+            state: EventState::Scheduled,
+            plan: PlanSummary::default(),
+            accepted_unix_ms: now,
+        };
+        record.plan.start_unix_ms = record.spec.start_unix_ms;
+        record.plan.target_w = record.spec.target_w.clone();
+        self.put_event(record.clone()).await?;
+        let rt = Arc::new(EventRuntime::new(record.clone()));
+        self.inner.events.insert(id, Arc::clone(&rt));
+        metrics::counter!("halftime_events_submitted_total").increment(1);
+
+        let target = record.spec.target_w.clone();
+        let plan = self.dispatch(&rt, &record.spec.regions, record.spec.start_unix_ms, target, record.spec.deferral_min_max).await?;
+        metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
+        Ok((id, plan))
+    }
+
+    /// Plans `target_w` (from the event's slot 0) over its regions and dispatches what was picked. Merges the
+    /// result into the event's plan summary (additive, for updates) and records it.
+    async fn dispatch(
+        &self,
+        rt: &Arc<EventRuntime>,
+        regions: &[RegionId],
+        start_unix_ms: i64,
+        target_w: Vec<f64>,
+        deferral_min_max: u32,
+    ) -> Result<PlanSummary, EngineError> {
+        let event = rt.lock().record.id;
+        let inner = Arc::clone(&self.inner);
+        let regions = regions.to_vec();
+        let now = self.now_unix_ms();
+        let picked = blocking(move || {
+            dispatch::plan_pick_sign(
+                &inner,
+                &dispatch::DispatchInput {
+                    event,
+                    regions: &regions,
+                    start_unix_ms,
+                    target_w: &target_w,
+                    deferral_min_max,
+                    now_unix_ms: now,
+                },
+            )
+        })
+        .await??;
+        metrics::histogram!("halftime_plan_seconds").record(picked.plan_us as f64 / 1e6);
+        metrics::histogram!("halftime_lp_solve_seconds").record(picked.lp_solve_us as f64 / 1e6);
+        if let Err(e) = self.inner.headend.admit(picked.commands.len()) {
+            self.unreserve(&picked.reservations);
+            return Err(EngineError::ResourceExhausted(e.to_string()));
+        }
+        let store = Arc::clone(&self.inner.store);
+        let dispatch = Dispatch { reservations: picked.reservations, commands: picked.commands };
+        let hwm = picked.counter_hwm;
+        let persisted = blocking(move || {
+            let seq = store.next_dispatch_seq(event)?;
+            store.put_dispatch(event, seq, &dispatch, hwm).map(|()| dispatch)
+        })
+        .await?;
+        let dispatch = match persisted {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing left the engine: give the budget back.
+                let (res, _) = self.inner.ledger.all_entries().into_iter().partition::<Vec<_>, _>(|e| e.reservation.event == event);
+                self.unreserve(&res.into_iter().map(|e| e.reservation).collect::<Vec<_>>());
+                return Err(e.into());
+            }
+        };
+        let summary = {
+            let mut st = rt.lock();
+            for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
+                st.add_device(r.household, c.command);
+            }
+            let plan = &mut st.record.plan;
+            merge_evaluation(plan, &picked.evaluation);
+            plan.n_appliances += dispatch.commands.len() as u64;
+            plan.n_cohorts = plan.n_cohorts.max(picked.n_cohorts);
+            plan.lp_solve_us += picked.lp_solve_us;
+            st.record.plan.n_households = st.households.len() as u64;
+            st.dirty = true;
+            st.record.plan.clone()
+        };
+        let record = rt.lock().record.clone();
+        self.put_event(record).await?;
+        let now = self.now_unix_ms();
+        self.inner.headend.enqueue(&dispatch.commands, now);
+        metrics::counter!("halftime_commands_signed_total").increment(dispatch.commands.len() as u64);
+        rt.publish();
+        Ok(summary)
+    }
+
+    fn unreserve(&self, reservations: &[halftime_core::Reservation]) {
+        for r in reservations {
+            self.inner.ledger.unreserve(r.household, r.event, r.appliance);
+        }
+    }
+
+    async fn put_event(&self, record: EventRecord) -> Result<(), EngineError> {
+        let store = Arc::clone(&self.inner.store);
+        blocking(move || store.put_event(&record)).await??;
+        Ok(())
+    }
+
+    fn runtime(&self, id: EventId) -> Result<Arc<EventRuntime>, EngineError> {
+        self.inner
+            .events
+            .get(&id)
+            .map(|e| Arc::clone(&e))
+            .ok_or_else(|| EngineError::NotFound(format!("event_id: event {id} does not exist")))
+    }
+
+    /// Supersedes an event's target from now on: adds devices where the new target is above what is planned,
+    /// and releases the most-burdened where it is well below.
+    pub async fn update(&self, event: EventId, target_mw: &[f64], target_kw: &[f64]) -> Result<(EventId, PlanSummary), EngineError> {
+        let new_target = validate::target_w(target_mw, target_kw, "target_mw", "target_kw")?;
+        let rt = self.runtime(event)?;
+        let now = self.now_unix_ms();
+        let (spec, expected) = {
+            let st = rt.lock();
+            if st.record.state == EventState::Cancelled {
+                return Err(EngineError::Invalid(FieldError::new("event_id", "event is cancelled")));
+            }
+            (st.record.spec.clone(), st.record.plan.expected_w.clone())
+        };
+        let current_slot = halftime_core::time::slot_of(spec.start_unix_ms, now).max(0) as usize;
+        let residual: Vec<f64> = new_target
+            .iter()
+            .enumerate()
+            .map(|(t, &w)| if t < current_slot { 0.0 } else { (w - expected.get(t).copied().unwrap_or(0.0)).max(0.0) })
+            .collect();
+        {
+            let mut st = rt.lock();
+            st.record.spec.target_w = new_target.clone();
+            st.record.plan.target_w = new_target.clone();
+            let n = new_target.len();
+            st.record.plan.expected_w.resize(n, 0.0);
+            st.record.plan.shortfall_w =
+                (0..n).map(|t| (new_target[t] - st.record.plan.expected_w[t]).max(0.0)).collect();
+            st.dirty = true;
+        }
+        if residual.iter().any(|&w| w > 1.0) {
+            self.dispatch(&rt, &spec.regions, spec.start_unix_ms, residual, spec.deferral_min_max).await?;
+        }
+        self.release_excess(&rt, &new_target, now).await?;
+        let record = rt.lock().record.clone();
+        self.put_event(record.clone()).await?;
+        rt.publish();
+        Ok((event, record.plan))
+    }
+
+    /// Releases the most-burdened devices whose deferral is not needed to hold the target.
+    async fn release_excess(&self, rt: &Arc<EventRuntime>, target_w: &[f64], now: i64) -> Result<(), EngineError> {
+        let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
+            let mut st = rt.lock();
+            let start = st.record.spec.start_unix_ms;
+            let mut expected = st.record.plan.expected_w.clone();
+            let mut candidates: Vec<(f64, ApplianceId)> = st
+                .devices
+                .values()
+                .filter(|t| !t.status.is_final() && t.command.latest_end_unix_ms() > now)
+                .map(|t| (self.inner.ledger.burden_kw_min(t.household, now), t.command.device))
+                .collect();
+            candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut out = Vec::new();
+            for (_, device) in candidates {
+                let t = &st.devices[&device];
+                let per_w = self.inner.registry.get(device).map(|a| a.expected_reduction_w()).unwrap_or(0.0);
+                let mut contrib = vec![0.0; expected.len()];
+                add_interval(&mut contrib, start, now.max(t.command.not_before_unix_ms), t.command.latest_end_unix_ms(), per_w);
+                let fits = expected.iter().zip(&contrib).zip(target_w).all(|((e, c), tw)| c == &0.0 || e - c >= *tw);
+                if fits && contrib.iter().any(|c| *c > 0.0) {
+                    for (e, c) in expected.iter_mut().zip(&contrib) {
+                        *e -= c;
+                    }
+                    out.push((t.household, t.command, now));
+                }
+            }
+            st.record.plan.expected_w = expected;
+            let n = target_w.len();
+            st.record.plan.shortfall_w = (0..n).map(|i| (target_w[i] - st.record.plan.expected_w[i]).max(0.0)).collect();
+            out
+        };
+        self.send_releases(rt, releases, DeviceStatus::Released).await?;
+        Ok(())
+    }
+
+    /// Signs, records and queues release commands; ends the reservations in the ledger.
+    async fn send_releases(
+        &self,
+        rt: &Arc<EventRuntime>,
+        releases: Vec<(HouseholdId, DeferralCommand, i64)>,
+        status: DeviceStatus,
+    ) -> Result<u64, EngineError> {
+        if releases.is_empty() {
+            return Ok(0);
+        }
+        let n = releases.len() as u64;
+        let first = self.inner.next_counter.fetch_add(n, Ordering::SeqCst);
+        let commands: Vec<SignedCommand> = releases
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c, at))| {
+                self.inner.signer.sign(DeferralCommand {
+                    kind: CommandKind::Release,
+                    key_id: 0,
+                    device: c.device,
+                    event: c.event,
+                    counter: first + i as u64,
+                    not_before_unix_ms: *at,
+                    not_after_unix_ms: c.not_after_unix_ms.max(*at + 1),
+                    deferral_s: 0,
+                    randomize_start_s: 0,
+                })
+            })
+            .collect();
+        let event = rt.lock().record.id;
+        let store = Arc::clone(&self.inner.store);
+        let d = Dispatch { reservations: Vec::new(), commands };
+        let outcomes: Vec<Outcome> = releases
+            .iter()
+            .map(|(h, c, at)| Outcome { event, appliance: c.device, household: *h, status, at_unix_ms: *at, reduction_w: 0 })
+            .collect();
+        let o = outcomes.clone();
+        let d = blocking(move || -> Result<Dispatch, EngineError> {
+            let seq = store.next_dispatch_seq(event)?;
+            store.put_dispatch(event, seq, &d, first + n)?;
+            store.append_outcomes(&o)?;
+            Ok(d)
+        })
+        .await??;
+        for o in &outcomes {
+            self.apply_outcome(o);
+        }
+        self.inner.headend.enqueue(&d.commands, self.now_unix_ms());
+        rt.publish();
+        Ok(n)
+    }
+
+    /// Cancels an event: every device still deferred is released, staggered over `release_over_min` minutes.
+    pub async fn cancel(&self, event: EventId, release_over_min: u32) -> Result<u64, EngineError> {
+        if release_over_min > 30 {
+            return Err(FieldError::new("release_over_min", "must be 0..=30 minutes").into());
+        }
+        let steps = if release_over_min == 0 { self.inner.config.release_over_min_default } else { release_over_min }.max(1);
+        let rt = self.runtime(event)?;
+        let now = self.now_unix_ms();
+        let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
+            let mut st = rt.lock();
+            if st.record.state == EventState::Cancelled {
+                return Ok(0);
+            }
+            st.record.state = EventState::Cancelled;
+            st.dirty = true;
+            let mut live: Vec<_> = st
+                .devices
+                .values()
+                .filter(|t| !t.status.is_final() && t.command.latest_end_unix_ms() > now)
+                .map(|t| (t.household, t.command))
+                .collect();
+            live.sort_by_key(|(_, c)| c.device);
+            live.into_iter()
+                .enumerate()
+                .map(|(i, (h, c))| {
+                    let at = (now + (i as i64 % i64::from(steps)) * MS_PER_MIN).min(c.not_after_unix_ms);
+                    (h, c, at.max(now))
+                })
+                .collect()
+        };
+        let record = rt.lock().record.clone();
+        self.put_event(record).await?;
+        let n = self.send_releases(&rt, releases, DeviceStatus::Released).await?;
+        metrics::counter!("halftime_events_cancelled_total").increment(1);
+        Ok(n)
+    }
+
+    pub fn watch(&self, event: EventId) -> Result<watch::Receiver<EventProgress>, EngineError> {
+        Ok(self.runtime(event)?.watch.subscribe())
+    }
+
+    pub fn progress(&self, event: EventId) -> Result<EventProgress, EngineError> {
+        Ok(self.runtime(event)?.lock().progress())
+    }
+
+    /// Events, newest first.
+    pub fn list_events(&self, limit: usize) -> Vec<EventRecord> {
+        let mut v: Vec<EventRecord> = self.inner.events.iter().map(|e| e.lock().record.clone()).collect();
+        v.sort_by_key(|r| std::cmp::Reverse(r.id));
+        v.truncate(limit);
+        v
+    }
+
+    /// Expected reduction that could be held over `horizon_min` in a region, within every household's limits.
+    pub fn flexibility(&self, region: RegionId, horizon_min: u32, deferral_min_max: u32) -> Flexibility {
+        let now = self.now_unix_ms();
+        let mut by_class = [(0.0f64, 0u64); halftime_core::appliance::N_CLASSES];
+        let mut standing = std::collections::HashMap::new();
+        let probe = EventId(0);
+        self.inner.registry.for_each_in(&[region], |a| {
+            let s = *standing.entry(a.household).or_insert_with(|| self.inner.ledger.standing(a.household, probe, now, now));
+            let Some(s) = s else { return };
+            let budget = s.budget_min.min(u32::from(a.deferral_min_max)).min(deferral_min_max);
+            if budget < halftime_planner::DEFERRAL_MIN_MIN {
+                return;
+            }
+            // Staggered, each appliance can hold its share for budget / horizon of the time.
+            let share = (f64::from(budget) / f64::from(horizon_min.max(1))).min(1.0);
+            let e = &mut by_class[a.class.index()];
+            e.0 += a.expected_reduction_w() * (1.0 - a.override_rate()) * share;
+            e.1 += 1;
+        });
+        Flexibility {
+            deferrable_w: by_class.iter().map(|c| c.0).sum(),
+            n_appliances_eligible: by_class.iter().map(|c| c.1).sum(),
+            by_class: ApplianceClass::ALL.iter().map(|c| (*c, by_class[c.index()].0, by_class[c.index()].1)).collect(),
+        }
+    }
+
+    /// Ends a household's active deferrals now (one appliance, or all). Always honoured.
+    pub async fn override_now(&self, household: HouseholdId, appliance: Option<ApplianceId>) -> Result<u64, EngineError> {
+        self.known_household(household)?;
+        let mine = self.inner.registry.of_household(household);
+        if let Some(a) = appliance
+            && !mine.iter().any(|m| m.id == a) {
+                return Err(EngineError::NotFound(format!("appliance_id: appliance {a} is not enrolled in household {household}")));
+            }
+        let now = self.now_unix_ms();
+        let mut by_event: std::collections::HashMap<EventId, Vec<(HouseholdId, DeferralCommand, i64)>> = Default::default();
+        for a in mine.iter().filter(|m| appliance.is_none_or(|id| id == m.id)) {
+            for c in self.inner.headend.active_for(a.id, now) {
+                if c.command.kind == CommandKind::Defer && c.command.latest_end_unix_ms() > now {
+                    let final_already = self
+                        .inner
+                        .events
+                        .get(&c.command.event)
+                        .and_then(|rt| rt.lock().devices.get(&a.id).map(|t| t.status.is_final()))
+                        .unwrap_or(true);
+                    if !final_already {
+                        by_event.entry(c.command.event).or_default().push((household, c.command, now));
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for (event, list) in by_event {
+            let rt = self.runtime(event)?;
+            n += self.send_releases(&rt, list, DeviceStatus::Overridden).await?;
+        }
+        metrics::counter!("halftime_household_overrides_total").increment(n);
+        Ok(n)
+    }
+
+    /// A household's own deferrals, newest first, and its burden.
+    pub fn history(&self, household: HouseholdId, limit: usize) -> Result<(Vec<HistoryEntry>, f64), EngineError> {
+        self.known_household(household)?;
+        let mut entries: Vec<HistoryEntry> = self
+            .inner
+            .ledger
+            .entries(household)
+            .into_iter()
+            .map(|e| HistoryEntry {
+                event: e.reservation.event,
+                appliance: e.reservation.appliance,
+                class: e.reservation.class,
+                not_before_unix_ms: e.reservation.not_before_unix_ms,
+                not_after_unix_ms: e.reservation.not_after_unix_ms,
+                deferral_s: e.reservation.deferral_s,
+                status: e.status,
+            })
+            .collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.not_before_unix_ms));
+        entries.truncate(limit);
+        Ok((entries, self.inner.ledger.burden_kw_min(household, self.now_unix_ms())))
+    }
+
+    /// Attaches a device link. Every device must be enrolled.
+    pub fn attach(&self, devices: &[ApplianceId]) -> Result<(LinkId, LinkReceiver), EngineError> {
+        if devices.is_empty() || devices.len() > 100_000 {
+            return Err(FieldError::new("hello.device_ids", "need 1..=100000 devices").into());
+        }
+        if let Some((i, d)) = devices.iter().enumerate().find(|(_, d)| self.inner.registry.get(**d).is_none()) {
+            return Err(EngineError::NotFound(format!("hello.device_ids[{i}]: device {d} is not enrolled")));
+        }
+        Ok(self.inner.headend.attach(devices, self.now_unix_ms()))
+    }
+
+    pub fn detach(&self, link: LinkId) {
+        self.inner.headend.detach(link);
+    }
+
+    /// Commands still active for a device.
+    pub fn resync(&self, device: ApplianceId) -> Result<Vec<SignedCommand>, EngineError> {
+        if self.inner.registry.get(device).is_none() {
+            return Err(EngineError::NotFound(format!("device_id: device {device} is not enrolled")));
+        }
+        Ok(self.inner.headend.active_for(device, self.now_unix_ms()))
+    }
+
+    /// Takes a batch of device reports: acknowledgements, status changes, overrides. Reports about unknown
+    /// events or devices are counted and dropped.
+    pub async fn report(&self, reports: &[DeviceReport]) -> Result<(), EngineError> {
+        let mut touched: Vec<Arc<EventRuntime>> = Vec::new();
+        let mut dropped = 0u64;
+        for r in reports {
+            if r.status != DeviceStatus::Expired && r.status != DeviceStatus::Dispatched {
+                self.inner.headend.ack(r.device, r.counter);
+            }
+            let Some(a) = self.inner.registry.get(r.device) else {
+                dropped += 1;
+                continue;
+            };
+            let o = Outcome {
+                event: r.event,
+                appliance: r.device,
+                household: a.household,
+                status: r.status,
+                at_unix_ms: r.at_unix_ms,
+                reduction_w: r.reduction_w,
+            };
+            match self.apply_outcome(&o) {
+                Some(rt) => {
+                    if !touched.iter().any(|t| Arc::ptr_eq(t, &rt)) {
+                        touched.push(rt);
+                    }
+                    self.inner.outcomes.send(o).await.map_err(|_| EngineError::Internal("outcome writer stopped".into()))?;
+                }
+                None => dropped += 1,
+            }
+        }
+        metrics::counter!("halftime_device_reports_total").increment(reports.len() as u64);
+        metrics::counter!("halftime_device_reports_dropped_total").increment(dropped);
+        Ok(())
+    }
+
+    /// Runs one closed-loop tick now (the background task does this every `tick_interval_ms`).
+    pub fn tick(&self) {
+        tick(&self.inner);
+    }
+}
+
+impl EventRuntime {
+    fn advance_and_publish(&self, now: i64) {
+        self.lock().advance(now);
+        self.publish();
+    }
+}
+
+/// Adds a new dispatch's evaluation onto the event's plan (an update plans only the residual).
+fn merge_evaluation(plan: &mut PlanSummary, e: &halftime_planner::Evaluation) {
+    let n = plan.target_w.len();
+    plan.expected_w.resize(n, 0.0);
+    for (x, y) in plan.expected_w.iter_mut().zip(&e.expected_w) {
+        *x += y;
+    }
+    if plan.rebound_w.len() < e.rebound_w.len() {
+        plan.rebound_w.resize(e.rebound_w.len(), 0.0);
+    }
+    for (x, y) in plan.rebound_w.iter_mut().zip(&e.rebound_w) {
+        *x += y;
+    }
+    plan.shortfall_w = (0..n).map(|t| (plan.target_w[t] - plan.expected_w[t]).max(0.0)).collect();
+}
+
+fn tick(inner: &Arc<Inner>) {
+    let now = inner.clock.now_unix_ms();
+    let (expired, _) = inner.headend.tick(now);
+    let engine = Engine { inner: Arc::clone(inner) };
+    for c in expired {
+        if c.command.kind != CommandKind::Defer {
+            continue;
+        }
+        if let Some(a) = inner.registry.get(c.command.device) {
+            let o = Outcome {
+                event: c.command.event,
+                appliance: c.command.device,
+                household: a.household,
+                status: DeviceStatus::Expired,
+                at_unix_ms: now,
+                reduction_w: 0,
+            };
+            engine.apply_outcome(&o);
+            // Best effort: an expiry is re-derived after a restart if it is lost.
+            let _ = inner.outcomes.try_send(o);
+        }
+    }
+    for e in inner.events.iter() {
+        e.advance_and_publish(now);
+    }
+}
+
+async fn tick_loop(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(i) = inner.upgrade() else { return };
+        let interval = Duration::from_millis(i.config.tick_interval_ms);
+        tick(&i);
+        drop(i);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn write_outcomes(store: Arc<Store>, mut rx: mpsc::Receiver<Outcome>) {
+    let mut batch = Vec::with_capacity(OUTCOME_BATCH_LEN);
+    while rx.recv_many(&mut batch, OUTCOME_BATCH_LEN).await > 0 {
+        let s = Arc::clone(&store);
+        let b = std::mem::take(&mut batch);
+        match tokio::task::spawn_blocking(move || s.append_outcomes(&b)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "writing outcomes"),
+            Err(e) => tracing::error!(error = %e, "outcome writer task"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -166,15 +166,14 @@ impl Ledger {
         appliance: ApplianceId,
         status: DeviceStatus,
     ) {
-        if let Some(mut book) = self.books.get_mut(&household) {
-            if let Some(e) = book
+        if let Some(mut book) = self.books.get_mut(&household)
+            && let Some(e) = book
                 .entries
                 .iter_mut()
                 .find(|e| same(&e.reservation, event, appliance))
             {
                 e.status = status;
             }
-        }
     }
 
     /// Ends a deferral early at `at_unix_ms` (override, release, rejection): the household is charged only for

@@ -34,10 +34,10 @@ pub enum StoreError {
     #[error("store at {path}: {source}")]
     Open {
         path: PathBuf,
-        source: redb::DatabaseError,
+        source: Box<redb::DatabaseError>,
     },
     #[error("store: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     #[error("store table {table}: undecodable value: {reason}")]
     Decode { table: &'static str, reason: String },
     #[error("store: encode: {0}")]
@@ -55,7 +55,7 @@ macro_rules! db_err {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
+                StoreError::Db(Box::new(e.into()))
             }
         }
     )*};
@@ -107,7 +107,7 @@ impl Store {
         let path = dir.join("halftime.redb");
         let db = Database::create(&path).map_err(|source| StoreError::Open {
             path: path.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let w = db.begin_write()?;
         {
@@ -372,6 +372,7 @@ mod tests {
             household: HouseholdId(9),
             status: DeviceStatus::Overridden,
             at_unix_ms: 5,
+            reduction_w: 0,
         };
         {
             let s = Store::open(dir.path()).unwrap();

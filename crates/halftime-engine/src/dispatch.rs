@@ -1,0 +1,167 @@
+//! Plan, pick and reserve, sign: the CPU-bound part of a dispatch. Runs on a blocking thread, never on the
+//! async executor.
+
+use crate::{EngineError, Inner};
+use halftime_core::time::MS_PER_MIN;
+use halftime_core::{
+    Appliance, CommandKind, DeferralCommand, EventId, HouseholdId, RegionId, Reservation, SignedCommand,
+};
+use halftime_ledger::Standing;
+use halftime_planner::{Allocation, Cohort, CohortKey, Evaluation, N_BURDEN_BANDS, PlanRequest, budget_band};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// What one dispatch produced, before it is made durable.
+pub struct Picked {
+    pub reservations: Vec<Reservation>,
+    pub commands: Vec<SignedCommand>,
+    pub evaluation: Evaluation,
+    pub n_cohorts: u32,
+    pub lp_solve_us: u64,
+    pub plan_us: u64,
+    /// Highest counter used.
+    pub counter_hwm: u64,
+}
+
+pub struct DispatchInput<'a> {
+    pub event: EventId,
+    pub regions: &'a [RegionId],
+    pub start_unix_ms: i64,
+    pub target_w: &'a [f64],
+    pub deferral_min_max: u32,
+    pub now_unix_ms: i64,
+}
+
+struct Member {
+    burden_kw_min: f64,
+    appliance: Appliance,
+}
+
+/// Builds cohorts from the registry and the ledger, solves the LP, reserves concrete appliances least-burdened
+/// first, and signs their commands.
+pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked, EngineError> {
+    let t0 = Instant::now();
+    let mut standing: HashMap<HouseholdId, Option<Standing>> = HashMap::new();
+    let mut eligible: Vec<(Appliance, u8, f64)> = Vec::new();
+    inner.registry.for_each_in(input.regions, |a| {
+        let s = *standing.entry(a.household).or_insert_with(|| {
+            inner.ledger.standing(a.household, input.event, input.start_unix_ms, input.now_unix_ms)
+        });
+        let Some(s) = s else { return };
+        let budget_min = s.budget_min.min(u32::from(a.deferral_min_max)).min(input.deferral_min_max);
+        if let Some(band) = budget_band(budget_min) {
+            eligible.push((*a, band, s.burden_kw_min));
+        }
+    });
+    let cuts = burden_cuts(standing.values().flatten().map(|s| s.burden_kw_min).collect());
+    let mut index: HashMap<CohortKey, usize> = HashMap::new();
+    let mut cohorts: Vec<Cohort> = Vec::new();
+    let mut members: Vec<Vec<Member>> = Vec::new();
+    for (a, budget_band, burden) in eligible {
+        let burden_band = cuts.iter().filter(|&&c| burden > c).count() as u8;
+        let key = CohortKey { region: a.region, class: a.class, budget_band, burden_band };
+        let i = *index.entry(key).or_insert_with(|| {
+            cohorts.push(Cohort { key, n_appliances: 0, reduction_w_sum: 0.0, reduction_w_net_sum: 0.0 });
+            members.push(Vec::new());
+            cohorts.len() - 1
+        });
+        let r = a.expected_reduction_w();
+        let c = &mut cohorts[i];
+        c.n_appliances += 1;
+        c.reduction_w_sum += r;
+        c.reduction_w_net_sum += r * (1.0 - a.override_rate());
+        members[i].push(Member { burden_kw_min: burden, appliance: a });
+    }
+    for m in &mut members {
+        m.sort_by(|a, b| a.burden_kw_min.total_cmp(&b.burden_kw_min).then(a.appliance.id.cmp(&b.appliance.id)));
+    }
+    let req = PlanRequest {
+        target_w: input.target_w.to_vec(),
+        cohorts,
+        rebound_fraction_max: inner.config.rebound_fraction_max,
+        deferral_min_max: input.deferral_min_max,
+    };
+    let plan = halftime_planner::plan(&req).map_err(|e| EngineError::Internal(e.to_string()))?;
+
+    // Pick and reserve: least burdened first within each cohort, each appliance at most once per dispatch.
+    let mut cursor = vec![0usize; members.len()];
+    let mut reserved: Vec<Allocation> = Vec::with_capacity(plan.allocations.len());
+    let mut reservations: Vec<Reservation> = Vec::new();
+    let randomize_ms = i64::from(inner.config.randomize_start_s) * 1000;
+    for alloc in &plan.allocations {
+        let not_before = input.start_unix_ms + i64::from(alloc.start_slot) * MS_PER_MIN;
+        let deferral_s = alloc.deferral_min * 60;
+        let list = &members[alloc.cohort];
+        let mut got = 0u32;
+        while got < alloc.n && cursor[alloc.cohort] < list.len() {
+            let m = &list[cursor[alloc.cohort]];
+            cursor[alloc.cohort] += 1;
+            let r = Reservation {
+                household: m.appliance.household,
+                appliance: m.appliance.id,
+                class: m.appliance.class,
+                event: input.event,
+                not_before_unix_ms: not_before,
+                not_after_unix_ms: not_before + randomize_ms + i64::from(deferral_s) * 1000,
+                deferral_s,
+                reduction_kw: (m.appliance.expected_reduction_w() / 1e3) as f32,
+            };
+            if inner
+                .ledger
+                .try_reserve(r, u32::from(m.appliance.deferral_min_max), input.now_unix_ms)
+                .is_ok()
+            {
+                reservations.push(r);
+                got += 1;
+            }
+        }
+        if got > 0 {
+            reserved.push(Allocation { n: got, ..*alloc });
+        }
+    }
+    let evaluation = halftime_planner::evaluate(&req, &reserved);
+
+    // Counters: strictly increasing per device because they come from one engine-wide sequence.
+    let n = reservations.len() as u64;
+    let first = inner.next_counter.fetch_add(n, Ordering::SeqCst);
+    let commands: Vec<SignedCommand> = reservations
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            inner.signer.sign(DeferralCommand {
+                kind: CommandKind::Defer,
+                key_id: 0,
+                device: r.appliance,
+                event: r.event,
+                counter: first + i as u64,
+                not_before_unix_ms: r.not_before_unix_ms,
+                not_after_unix_ms: r.not_after_unix_ms,
+                deferral_s: r.deferral_s,
+                randomize_start_s: inner.config.randomize_start_s,
+            })
+        })
+        .collect();
+    Ok(Picked {
+        reservations,
+        commands,
+        evaluation,
+        n_cohorts: req.cohorts.len() as u32,
+        lp_solve_us: plan.lp_solve_us,
+        plan_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+        counter_hwm: first + n,
+    })
+}
+
+/// Burden cut points between the three bands: terciles of the burden of eligible households that carry any.
+/// Households with no burden are always in band 0.
+fn burden_cuts(mut burdens: Vec<f64>) -> [f64; 2] {
+    const _: () = assert!(N_BURDEN_BANDS == 3);
+    burdens.retain(|b| *b > 0.0);
+    if burdens.is_empty() {
+        return [f64::INFINITY; 2];
+    }
+    burdens.sort_by(f64::total_cmp);
+    let n = burdens.len();
+    [burdens[n / 3], burdens[(2 * n) / 3]]
+}

@@ -1,0 +1,243 @@
+//! Live state of one event: every dispatched device's command and status, the counts `WatchEvent` streams,
+//! and the delivered reduction, recomputed from device reports.
+
+use halftime_core::time::{MS_PER_MIN, slot_of};
+use halftime_core::{
+    ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug)]
+pub struct DeviceTrack {
+    pub household: HouseholdId,
+    pub command: DeferralCommand,
+    pub status: DeviceStatus,
+    pub acked: bool,
+    pub started_unix_ms: Option<i64>,
+    pub reduction_w: u32,
+    /// When the deferral was ended early (override, release, rejection), if it was.
+    pub ended_unix_ms: Option<i64>,
+}
+
+impl DeviceTrack {
+    /// The interval over which this device shed load, if it started.
+    fn shed_interval(&self) -> Option<(i64, i64)> {
+        let start = self.started_unix_ms?;
+        let mut end = (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
+        if let Some(e) = self.ended_unix_ms {
+            end = end.min(e);
+        }
+        (end > start).then_some((start, end))
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    pub dispatched: u64,
+    pub acknowledged: u64,
+    pub started: u64,
+    pub completed: u64,
+    pub overridden: u64,
+    pub rejected: u64,
+    pub expired: u64,
+}
+
+#[derive(Debug)]
+pub struct RuntimeState {
+    pub record: EventRecord,
+    pub devices: HashMap<ApplianceId, DeviceTrack>,
+    pub counts: Counts,
+    pub households: HashSet<HouseholdId>,
+    pub last_not_after_unix_ms: i64,
+    pub dirty: bool,
+    pub closed: bool,
+}
+
+#[derive(Debug)]
+pub struct EventRuntime {
+    pub state: Mutex<RuntimeState>,
+    pub watch: watch::Sender<EventProgress>,
+}
+
+impl EventRuntime {
+    pub fn new(record: EventRecord) -> Self {
+        let state = RuntimeState {
+            last_not_after_unix_ms: record.spec.end_unix_ms(),
+            record,
+            devices: HashMap::new(),
+            counts: Counts::default(),
+            households: HashSet::new(),
+            dirty: true,
+            closed: false,
+        };
+        let progress = state.progress();
+        Self { state: Mutex::new(state), watch: watch::channel(progress).0 }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes progress if anything changed.
+    pub fn publish(&self) {
+        let mut s = self.lock();
+        if s.dirty {
+            s.dirty = false;
+            let p = s.progress();
+            drop(s);
+            self.watch.send_replace(p);
+        }
+    }
+}
+
+impl RuntimeState {
+    pub fn add_device(&mut self, household: HouseholdId, command: DeferralCommand) {
+        self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
+        self.households.insert(household);
+        let track = DeviceTrack {
+            household,
+            command,
+            status: DeviceStatus::Dispatched,
+            acked: false,
+            started_unix_ms: None,
+            reduction_w: 0,
+            ended_unix_ms: None,
+        };
+        if self.devices.insert(command.device, track).is_none() {
+            self.counts.dispatched += 1;
+        }
+        self.dirty = true;
+    }
+
+    /// Applies a status change for a device of this event. Returns whether the ledger should end the
+    /// reservation early, and when.
+    pub fn apply(&mut self, device: ApplianceId, status: DeviceStatus, at_unix_ms: i64, reduction_w: u32) -> Option<i64> {
+        let track = self.devices.get_mut(&device)?;
+        let c = &mut self.counts;
+        let at = at_unix_ms.clamp(track.command.not_before_unix_ms, track.command.not_after_unix_ms);
+        let mut end_early = None;
+        if status != DeviceStatus::Expired && !track.acked {
+            track.acked = true;
+            c.acknowledged += 1;
+        }
+        if track.status.is_final() {
+            return None;
+        }
+        match status {
+            DeviceStatus::Dispatched | DeviceStatus::Received => {}
+            DeviceStatus::Started => {
+                if track.started_unix_ms.is_none() {
+                    track.started_unix_ms = Some(at);
+                    track.reduction_w = reduction_w;
+                    c.started += 1;
+                }
+            }
+            DeviceStatus::Completed => c.completed += 1,
+            DeviceStatus::Overridden => {
+                c.overridden += 1;
+                track.ended_unix_ms = Some(at);
+                end_early = Some(at);
+            }
+            DeviceStatus::Released => {
+                track.ended_unix_ms = Some(track.ended_unix_ms.map_or(at, |e| e.min(at)));
+                end_early = Some(at);
+            }
+            DeviceStatus::Rejected => {
+                c.rejected += 1;
+                track.ended_unix_ms = Some(track.command.not_before_unix_ms);
+                end_early = Some(track.command.not_before_unix_ms);
+            }
+            DeviceStatus::Expired => {
+                if track.acked {
+                    return None;
+                }
+                c.expired += 1;
+            }
+        }
+        if status != DeviceStatus::Received {
+            track.status = status;
+        }
+        self.dirty = true;
+        end_early
+    }
+
+    fn delivered_w(&self) -> Vec<f64> {
+        let start = self.record.spec.start_unix_ms;
+        let n = self.record.spec.target_w.len();
+        let mut out = vec![0.0; n];
+        for t in self.devices.values() {
+            let Some((from, to)) = t.shed_interval() else { continue };
+            add_interval(&mut out, start, from, to, f64::from(t.reduction_w));
+        }
+        out
+    }
+
+    pub fn progress(&self) -> EventProgress {
+        let c = &self.counts;
+        EventProgress {
+            event: self.record.id,
+            state: self.record.state,
+            dispatched: c.dispatched,
+            acknowledged: c.acknowledged,
+            started: c.started,
+            completed: c.completed,
+            overridden: c.overridden,
+            rejected: c.rejected,
+            expired: c.expired,
+            start_unix_ms: self.record.spec.start_unix_ms,
+            target_w: self.record.spec.target_w.clone(),
+            expected_w: self.record.plan.expected_w.clone(),
+            delivered_w: self.delivered_w(),
+            n_households: self.households.len() as u64,
+            closed: self.closed,
+        }
+    }
+
+    /// Moves the event through its states; returns whether anything changed.
+    pub fn advance(&mut self, now_unix_ms: i64) -> bool {
+        let before = (self.record.state, self.closed);
+        if self.record.state == EventState::Scheduled && now_unix_ms >= self.record.spec.start_unix_ms {
+            self.record.state = EventState::Active;
+        }
+        if self.record.state == EventState::Active && now_unix_ms >= self.record.spec.end_unix_ms() {
+            self.record.state = EventState::Completed;
+        }
+        if now_unix_ms >= self.last_not_after_unix_ms && self.record.state != EventState::Scheduled {
+            self.closed = true;
+        }
+        let changed = before != (self.record.state, self.closed);
+        self.dirty |= changed;
+        changed
+    }
+}
+
+/// Adds `w` to each one-minute slot in proportion to how much of `[from, to)` falls in it.
+pub fn add_interval(slots: &mut [f64], slot0_unix_ms: i64, from: i64, to: i64, w: f64) {
+    if to <= from || slots.is_empty() {
+        return;
+    }
+    let first = slot_of(slot0_unix_ms, from).max(0);
+    let last = slot_of(slot0_unix_ms, to - 1).min(slots.len() as i64 - 1);
+    for s in first..=last {
+        let a = slot0_unix_ms + s * MS_PER_MIN;
+        let overlap = (to.min(a + MS_PER_MIN) - from.max(a)).max(0);
+        slots[s as usize] += w * overlap as f64 / MS_PER_MIN as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_spread_over_slots_by_overlap() {
+        let mut v = vec![0.0; 3];
+        add_interval(&mut v, 0, 30_000, 150_000, 60.0);
+        assert_eq!(v, vec![30.0, 60.0, 30.0]);
+        let mut w = vec![0.0; 2];
+        add_interval(&mut w, 0, -60_000, 500_000, 10.0);
+        assert_eq!(w, vec![10.0, 10.0]);
+    }
+}
