@@ -25,7 +25,8 @@ impl DeviceTrack {
     /// The interval over which this device shed load, if it started.
     fn shed_interval(&self) -> Option<(i64, i64)> {
         let start = self.started_unix_ms?;
-        let mut end = (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
+        let mut end =
+            (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
         if let Some(e) = self.ended_unix_ms {
             end = end.min(e);
         }
@@ -73,7 +74,10 @@ impl EventRuntime {
             closed: false,
         };
         let progress = state.progress();
-        Self { state: Mutex::new(state), watch: watch::channel(progress).0 }
+        Self {
+            state: Mutex::new(state),
+            watch: watch::channel(progress).0,
+        }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
@@ -113,10 +117,19 @@ impl RuntimeState {
 
     /// Applies a status change for a device of this event. Returns whether the ledger should end the
     /// reservation early, and when.
-    pub fn apply(&mut self, device: ApplianceId, status: DeviceStatus, at_unix_ms: i64, reduction_w: u32) -> Option<i64> {
+    pub fn apply(
+        &mut self,
+        device: ApplianceId,
+        status: DeviceStatus,
+        at_unix_ms: i64,
+        reduction_w: u32,
+    ) -> Option<i64> {
         let track = self.devices.get_mut(&device)?;
         let c = &mut self.counts;
-        let at = at_unix_ms.clamp(track.command.not_before_unix_ms, track.command.not_after_unix_ms);
+        let at = at_unix_ms.clamp(
+            track.command.not_before_unix_ms,
+            track.command.not_after_unix_ms,
+        );
         let mut end_early = None;
         if status != DeviceStatus::Expired && !track.acked {
             track.acked = true;
@@ -168,7 +181,9 @@ impl RuntimeState {
         let n = self.record.spec.target_w.len();
         let mut out = vec![0.0; n];
         for t in self.devices.values() {
-            let Some((from, to)) = t.shed_interval() else { continue };
+            let Some((from, to)) = t.shed_interval() else {
+                continue;
+            };
             add_interval(&mut out, start, from, to, f64::from(t.reduction_w));
         }
         out
@@ -198,13 +213,17 @@ impl RuntimeState {
     /// Moves the event through its states; returns whether anything changed.
     pub fn advance(&mut self, now_unix_ms: i64) -> bool {
         let before = (self.record.state, self.closed);
-        if self.record.state == EventState::Scheduled && now_unix_ms >= self.record.spec.start_unix_ms {
+        if self.record.state == EventState::Scheduled
+            && now_unix_ms >= self.record.spec.start_unix_ms
+        {
             self.record.state = EventState::Active;
         }
-        if self.record.state == EventState::Active && now_unix_ms >= self.record.spec.end_unix_ms() {
+        if self.record.state == EventState::Active && now_unix_ms >= self.record.spec.end_unix_ms()
+        {
             self.record.state = EventState::Completed;
         }
-        if now_unix_ms >= self.last_not_after_unix_ms && self.record.state != EventState::Scheduled {
+        if now_unix_ms >= self.last_not_after_unix_ms && self.record.state != EventState::Scheduled
+        {
             self.closed = true;
         }
         let changed = before != (self.record.state, self.closed);

@@ -171,9 +171,9 @@ impl Ledger {
                 .entries
                 .iter_mut()
                 .find(|e| same(&e.reservation, event, appliance))
-            {
-                e.status = status;
-            }
+        {
+            e.status = status;
+        }
     }
 
     /// Ends a deferral early at `at_unix_ms` (override, release, rejection): the household is charged only for
