@@ -1,1 +1,150 @@
-fn main() {}
+//! `halftime`: serve the engine, run a scenario, or import appliances.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use halftime::config::Config;
+use halftime_client::clock::SystemClock;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "halftime",
+    version,
+    about = "Demand-response coordination engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API with the embedded store.
+    Serve {
+        /// TOML configuration (see deploy/halftime.example.toml); defaults apply without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Scenarios.
+    Scenario {
+        #[command(subcommand)]
+        command: ScenarioCommand,
+    },
+    /// Enrol appliances from a CSV file over the Household API.
+    Import {
+        csv: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        server: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScenarioCommand {
+    /// Run a scenario end to end.
+    Run {
+        scenario: PathBuf,
+        /// Use this engine instead of starting one in-process.
+        #[arg(long)]
+        server: Option<String>,
+        /// The remote engine's public key, hex (printed by `halftime serve`).
+        #[arg(long)]
+        trust_key: Option<String>,
+        /// Keep the in-process engine's data here.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Virtual minutes per real minute (overrides the scenario).
+        #[arg(long)]
+        speed: Option<f64>,
+    },
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match config {
+                Some(p) => Config::load(&p)?,
+                None => Config::default(),
+            };
+            init_tracing(&config.log);
+            if !config.metrics_addr.is_empty() {
+                let addr: std::net::SocketAddr =
+                    config.metrics_addr.parse().context("metrics_addr")?;
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .with_http_listener(addr)
+                    .install()
+                    .context("starting the metrics exporter")?;
+                tracing::info!(%addr, "metrics on /metrics");
+            }
+            if config.operators.is_empty() {
+                tracing::warn!("no operators configured: GridOperator calls are not authenticated");
+            }
+            let running = halftime::start(
+                &config,
+                &config.data_dir,
+                config.grpc_addr,
+                Arc::new(SystemClock),
+            )
+            .await?;
+            println!(
+                "halftime serving on {} (data in {})",
+                running.url(),
+                config.data_dir.display()
+            );
+            println!(
+                "engine signing key id {} public key {}",
+                running.engine.key_id(),
+                hex::encode(running.engine.public_key())
+            );
+            tokio::signal::ctrl_c().await?;
+            tracing::info!("shutting down");
+            running.stop().await;
+        }
+        Command::Scenario {
+            command:
+                ScenarioCommand::Run {
+                    scenario,
+                    server,
+                    trust_key,
+                    data_dir,
+                    speed,
+                },
+        } => {
+            init_tracing("warn");
+            let opts = halftime::scenario::RunOptions {
+                server,
+                trust_key,
+                data_dir,
+                speed,
+            };
+            let mut stdout = std::io::stdout();
+            let report = halftime::scenario::run(&scenario, opts, &mut stdout).await?;
+            anyhow::ensure!(
+                report.violations == 0,
+                "{} limit violations",
+                report.violations
+            );
+        }
+        Command::Import { csv, server } => {
+            init_tracing("warn");
+            let t0 = std::time::Instant::now();
+            let (enrolled, updated) = halftime::import::import_csv(&csv, &server).await?;
+            println!(
+                "{enrolled} enrolled, {updated} updated in {:.2} s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}

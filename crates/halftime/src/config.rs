@@ -1,0 +1,237 @@
+//! `halftime serve` configuration: a TOML file with every key documented in `deploy/halftime.example.toml`.
+//! Unknown keys are refused; every key has a sensible default.
+
+use halftime_core::region::RegionDef;
+use halftime_core::{Limits, RegionSet};
+use halftime_engine::{EngineConfig, Grant};
+use halftime_headend::HeadEndConfig;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Embedded store directory.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Prometheus metrics listen address; empty string disables.
+    pub metrics_addr: String,
+    /// tracing filter, e.g. "info" or "halftime_engine=debug".
+    pub log: String,
+    pub engine: EngineSection,
+    pub caps: CapsSection,
+    pub headend: HeadEndSection,
+    /// Regions served; the 14 GB distribution network areas if empty.
+    pub regions: Vec<RegionDef>,
+    /// Operators' bearer tokens; none means no authentication (development only).
+    pub operators: Vec<OperatorSection>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    pub rebound_fraction_max: f64,
+    pub fairness_window_days: u32,
+    pub retention_days: u32,
+    pub randomize_start_s: u32,
+    pub release_over_min_default: u32,
+    pub tick_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapsSection {
+    pub events_per_day_max: u32,
+    pub deferred_min_per_day_max: u32,
+    pub deferral_min_max: u32,
+    pub rest_min_min: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadEndSection {
+    pub link_queue_batches: usize,
+    pub retry_interval_ms: i64,
+    pub outstanding_max: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSection {
+    pub name: String,
+    pub token: String,
+    /// Regions this operator may target; all if empty.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Largest per-slot target, MW.
+    pub target_mw_max: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("halftime-data"),
+            grpc_addr: "127.0.0.1:50051".parse().expect("literal address"),
+            metrics_addr: "127.0.0.1:9464".into(),
+            log: "info".into(),
+            engine: EngineSection::default(),
+            caps: CapsSection::default(),
+            headend: HeadEndSection::default(),
+            regions: Vec::new(),
+            operators: Vec::new(),
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Self {
+            rebound_fraction_max: e.rebound_fraction_max,
+            fairness_window_days: e.fairness_window_days,
+            retention_days: e.retention_days,
+            randomize_start_s: e.randomize_start_s,
+            release_over_min_default: e.release_over_min_default,
+            tick_interval_ms: e.tick_interval_ms,
+        }
+    }
+}
+
+impl Default for CapsSection {
+    fn default() -> Self {
+        let l = Limits::system_default();
+        Self {
+            events_per_day_max: l.events_per_day_max,
+            deferred_min_per_day_max: l.deferred_min_per_day_max,
+            deferral_min_max: l.deferral_min_max,
+            rest_min_min: l.rest_min_min,
+        }
+    }
+}
+
+impl Default for HeadEndSection {
+    fn default() -> Self {
+        let h = HeadEndConfig::default();
+        Self {
+            link_queue_batches: h.link_queue_batches,
+            retry_interval_ms: h.retry_interval_ms,
+            outstanding_max: h.outstanding_max,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let c: Config = toml::from_str(text)?;
+        c.engine_config()?;
+        Ok(c)
+    }
+
+    pub fn region_set(&self) -> anyhow::Result<RegionSet> {
+        if self.regions.is_empty() {
+            Ok(RegionSet::gb_dno_areas())
+        } else {
+            RegionSet::new(self.regions.clone()).map_err(anyhow::Error::msg)
+        }
+    }
+
+    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        let e = &self.engine;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&e.rebound_fraction_max),
+            "engine.rebound_fraction_max: must be in 0..=1"
+        );
+        anyhow::ensure!(
+            e.fairness_window_days >= 1,
+            "engine.fairness_window_days: must be >= 1"
+        );
+        anyhow::ensure!(
+            e.retention_days >= e.fairness_window_days,
+            "engine.retention_days: must be >= fairness_window_days"
+        );
+        anyhow::ensure!(
+            e.randomize_start_s <= 600,
+            "engine.randomize_start_s: must be 0..=600 (GB EV rules: 10 minutes)"
+        );
+        anyhow::ensure!(
+            e.release_over_min_default <= 30,
+            "engine.release_over_min_default: must be 0..=30"
+        );
+        anyhow::ensure!(
+            (10..=10_000).contains(&e.tick_interval_ms),
+            "engine.tick_interval_ms: must be 10..=10000"
+        );
+        anyhow::ensure!(
+            self.headend.link_queue_batches > 0,
+            "headend.link_queue_batches: must be > 0"
+        );
+        anyhow::ensure!(
+            self.headend.retry_interval_ms > 0,
+            "headend.retry_interval_ms: must be > 0"
+        );
+        let system_caps = Limits {
+            events_per_day_max: self.caps.events_per_day_max,
+            deferred_min_per_day_max: self.caps.deferred_min_per_day_max,
+            deferral_min_max: self.caps.deferral_min_max,
+            rest_min_min: self.caps.rest_min_min,
+            ..Limits::system_default()
+        };
+        halftime_core::validate::limits(&system_caps, "caps").map_err(anyhow::Error::msg)?;
+        Ok(EngineConfig {
+            regions: self.region_set()?,
+            system_caps,
+            rebound_fraction_max: e.rebound_fraction_max,
+            fairness_window_days: e.fairness_window_days,
+            retention_days: e.retention_days,
+            randomize_start_s: e.randomize_start_s,
+            release_over_min_default: e.release_over_min_default,
+            headend: HeadEndConfig {
+                link_queue_batches: self.headend.link_queue_batches,
+                retry_interval_ms: self.headend.retry_interval_ms,
+                outstanding_max: self.headend.outstanding_max,
+            },
+            tick_interval_ms: e.tick_interval_ms,
+        })
+    }
+
+    pub fn operators(&self) -> anyhow::Result<halftime_server::Operators> {
+        let set = self.region_set()?;
+        let mut ops = halftime_server::Operators::default();
+        for (i, o) in self.operators.iter().enumerate() {
+            anyhow::ensure!(
+                o.token.len() >= 16,
+                "operators[{i}].token: must be at least 16 characters"
+            );
+            let regions = if o.regions.is_empty() {
+                None
+            } else {
+                Some(
+                    o.regions
+                        .iter()
+                        .map(|r| {
+                            set.lookup(r).ok_or_else(|| {
+                                anyhow::anyhow!("operators[{i}].regions: unknown region {r:?}")
+                            })
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                )
+            };
+            ops.grants.insert(
+                o.token.clone(),
+                Grant {
+                    regions,
+                    target_w_max: o.target_mw_max * 1e6,
+                },
+            );
+        }
+        Ok(ops)
+    }
+}
