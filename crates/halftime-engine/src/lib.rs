@@ -147,7 +147,13 @@ pub(crate) struct Inner {
     events: DashMap<EventId, Arc<EventRuntime>>,
     next_event_id: AtomicU64,
     key_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
-    outcomes: mpsc::Sender<Outcome>,
+    outcomes: mpsc::Sender<WriterMsg>,
+}
+
+enum WriterMsg {
+    Outcome(Outcome),
+    /// Write what is queued, then stop and let go of the store.
+    Stop(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The engine. Cheap to clone; clones share state.
@@ -1005,7 +1011,6 @@ impl Engine {
     /// Takes a batch of device reports: acknowledgements, status changes, overrides. Reports about unknown
     /// events or devices are counted and dropped.
     pub async fn report(&self, reports: &[DeviceReport]) -> Result<(), EngineError> {
-        let mut touched: Vec<Arc<EventRuntime>> = Vec::new();
         let mut dropped = 0u64;
         for r in reports {
             if r.status != DeviceStatus::Expired && r.status != DeviceStatus::Dispatched {
@@ -1024,13 +1029,11 @@ impl Engine {
                 reduction_w: r.reduction_w,
             };
             match self.apply_outcome(&o) {
-                Some(rt) => {
-                    if !touched.iter().any(|t| Arc::ptr_eq(t, &rt)) {
-                        touched.push(rt);
-                    }
+                // Progress is published by the tick, at most a few times a second.
+                Some(_) => {
                     self.inner
                         .outcomes
-                        .send(o)
+                        .send(WriterMsg::Outcome(o))
                         .await
                         .map_err(|_| EngineError::Internal("outcome writer stopped".into()))?;
                 }
@@ -1040,6 +1043,15 @@ impl Engine {
         metrics::counter!("halftime_device_reports_total").increment(reports.len() as u64);
         metrics::counter!("halftime_device_reports_dropped_total").increment(dropped);
         Ok(())
+    }
+
+    /// Writes every queued outcome and stops the background writer, so that the store is released when the
+    /// last clone of the engine is dropped. Calls after this that report outcomes fail.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.outcomes.send(WriterMsg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Runs one closed-loop tick now (the background task does this every `tick_interval_ms`).
@@ -1094,7 +1106,7 @@ fn tick(inner: &Arc<Inner>) {
             };
             engine.apply_outcome(&o);
             // Best effort: an expiry is re-derived after a restart if it is lost.
-            let _ = inner.outcomes.try_send(o);
+            let _ = inner.outcomes.try_send(WriterMsg::Outcome(o));
         }
     }
     for e in inner.events.iter() {
@@ -1112,16 +1124,27 @@ async fn tick_loop(inner: std::sync::Weak<Inner>) {
     }
 }
 
-async fn write_outcomes(store: Arc<Store>, mut rx: mpsc::Receiver<Outcome>) {
-    let mut batch = Vec::with_capacity(OUTCOME_BATCH_LEN);
-    while rx.recv_many(&mut batch, OUTCOME_BATCH_LEN).await > 0 {
+async fn write_outcomes(store: Arc<Store>, mut rx: mpsc::Receiver<WriterMsg>) {
+    let mut msgs = Vec::with_capacity(OUTCOME_BATCH_LEN);
+    let mut stop = None;
+    while stop.is_none() && rx.recv_many(&mut msgs, OUTCOME_BATCH_LEN).await > 0 {
+        let mut batch = Vec::with_capacity(msgs.len());
+        for m in msgs.drain(..) {
+            match m {
+                WriterMsg::Outcome(o) => batch.push(o),
+                WriterMsg::Stop(tx) => stop = Some(tx),
+            }
+        }
         let s = Arc::clone(&store);
-        let b = std::mem::take(&mut batch);
-        match tokio::task::spawn_blocking(move || s.append_outcomes(&b)).await {
+        match tokio::task::spawn_blocking(move || s.append_outcomes(&batch)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "writing outcomes"),
             Err(e) => tracing::error!(error = %e, "outcome writer task"),
         }
+    }
+    drop(store);
+    if let Some(tx) = stop {
+        let _ = tx.send(());
     }
 }
 

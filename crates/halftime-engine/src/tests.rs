@@ -1,1 +1,170 @@
+use super::*;
+use halftime_core::limits::audit;
+use halftime_core::time::MS_PER_DAY;
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicI64;
 
+/// A clock tests move by hand.
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now_unix_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+const T0: i64 = 20_000 * MS_PER_DAY + 17 * 3_600_000;
+
+fn limits_strategy() -> impl Strategy<Value = Limits> {
+    (0u32..4, 0u32..120, 0u32..60, 0u32..120, proptest::bool::weighted(0.1), proptest::bool::weighted(0.1), proptest::bool::weighted(0.2))
+        .prop_map(|(events, minutes, longest, rest, never, paused, quiet)| Limits {
+            events_per_day_max: events,
+            deferred_min_per_day_max: minutes,
+            deferral_min_max: longest,
+            rest_min_min: rest,
+            quiet_windows: if quiet { vec![halftime_core::QuietWindow { start_min: 17 * 60 + 10, end_min: 17 * 60 + 40 }] } else { vec![] },
+            never,
+            paused,
+        })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+fn submit_request(key: &str, regions: &[&str], start_unix_ms: i64, target_kw: Vec<f64>, deferral_min_max: u32) -> SubmitRequest {
+    SubmitRequest {
+        regions: regions.iter().map(|r| r.to_string()).collect(),
+        start_unix_ms,
+        target_mw: vec![],
+        target_kw,
+        deferral_min_max,
+        priority: Priority::High,
+        idempotency_key: key.to_string(),
+    }
+}
+
+async fn open(dir: &Path, clock: Arc<TestClock>) -> Engine {
+    Engine::open(EngineConfig { tick_interval_ms: 10, ..EngineConfig::default() }, dir, clock).await.expect("engine opens")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Random populations, random household limits, two overlapping events in the same region submitted at the
+    /// same time: no household ends up past any of its limits.
+    #[test]
+    fn overlapping_events_never_break_a_household_limit(
+        households in proptest::collection::vec((limits_strategy(), proptest::collection::vec(0usize..8, 1..4), proptest::bool::ANY), 1..40),
+        target_a in proptest::collection::vec(0.1f64..20.0, 1..15),
+        target_b in proptest::collection::vec(0.1f64..20.0, 1..15),
+        offset_min in 0i64..20,
+        deferral_a in 5u32..60,
+        deferral_b in 5u32..60,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        let rt = runtime();
+        let result: Result<(), TestCaseError> = rt.block_on(async {
+            let engine = open(dir.path(), Arc::clone(&clock)).await;
+            let regions = engine.regions().clone();
+            let mut appliances = Vec::new();
+            let mut own: HashMap<HouseholdId, Limits> = HashMap::new();
+            for (h, (limits, classes, in_b)) in households.iter().enumerate() {
+                let household = HouseholdId(h as u64 + 1);
+                for (k, c) in classes.iter().enumerate() {
+                    let class = ApplianceClass::ALL[*c];
+                    let p = class.profile();
+                    appliances.push(Appliance {
+                        id: ApplianceId(household.0 * 10 + k as u64),
+                        household,
+                        region: regions.lookup(if *in_b { "_B" } else { "_A" }).unwrap(),
+                        class,
+                        rated_power_w: p.power_w_typical,
+                        duty_cycle_permille: p.duty_cycle_permille as u16,
+                        deferral_min_max: p.deferral_min_max_safe as u16,
+                        override_rate_permille: p.override_rate_permille as u16,
+                    });
+                }
+                own.insert(household, limits.clone());
+            }
+            engine.enrol(appliances.clone()).await.unwrap();
+            for (h, l) in &own {
+                engine.set_limits(*h, l.clone()).await.unwrap();
+            }
+            let a = submit_request("a", &["_A", "_B"], T0 + 60_000, target_a.clone(), deferral_a);
+            let b = submit_request("b", &["_A"], T0 + 60_000 + offset_min * 60_000, target_b.clone(), deferral_b);
+            let grant = Grant::unrestricted();
+            let (ra, rb) = tokio::join!(engine.submit(a, &grant), engine.submit(b, &grant));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            prop_assert_ne!(ra.0, rb.0);
+            let max_of: HashMap<ApplianceId, u32> = appliances.iter().map(|a| (a.id, u32::from(a.deferral_min_max))).collect();
+            let mut n_reserved = 0;
+            for (h, l) in &own {
+                let set: Vec<_> = engine.ledger().entries(*h).into_iter().map(|e| e.reservation).collect();
+                n_reserved += set.len();
+                let effective = l.tighter(&Limits::system_default());
+                let v = audit(&effective, |a| max_of[&a], &set);
+                prop_assert!(v.is_empty(), "household {h}: {v:?} under {effective:?}: {set:?}");
+                for r in &set {
+                    prop_assert!(appliances.iter().any(|a| a.id == r.appliance && a.household == *h));
+                }
+            }
+            let reported = ra.1.n_appliances + rb.1.n_appliances;
+            prop_assert_eq!(reported as usize, n_reserved, "the plans report exactly what was reserved");
+            Ok(())
+        });
+        result?;
+    }
+}
+
+#[test]
+fn idempotent_submit_and_durable_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    runtime().block_on(async {
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        let region = engine.regions().lookup("_C").unwrap();
+        let appliances: Vec<Appliance> = (1..=50)
+            .map(|i| Appliance {
+                id: ApplianceId(1000 + i),
+                household: HouseholdId(i),
+                region,
+                class: ApplianceClass::WaterHeater,
+                rated_power_w: 3000,
+                duty_cycle_permille: 120,
+                deferral_min_max: 60,
+                override_rate_permille: 20,
+            })
+            .collect();
+        engine.enrol(appliances).await.unwrap();
+        let own = Limits { events_per_day_max: 1, ..Limits::system_default() };
+        engine.set_limits(HouseholdId(1), own.clone()).await.unwrap();
+        let req = submit_request("evening-1", &["_C"], T0 + 60_000, vec![2.0; 10], 20);
+        let (id, plan) = engine.submit(req.clone(), &Grant::unrestricted()).await.unwrap();
+        assert!(plan.n_appliances > 0);
+        let (id2, plan2) = engine.submit(req.clone(), &Grant::unrestricted()).await.unwrap();
+        assert_eq!((id, &plan), (id2, &plan2), "a retry gets the same answer");
+        let other = SubmitRequest { deferral_min_max: 25, ..req.clone() };
+        assert!(matches!(engine.submit(other, &Grant::unrestricted()).await, Err(EngineError::AlreadyExists(_))));
+        let entries_before = engine.ledger().all_entries();
+        let counter_before = engine.inner.next_counter.load(Ordering::SeqCst);
+        engine.shutdown().await;
+        drop(engine);
+
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        assert_eq!(engine.n_appliances(), 50);
+        assert_eq!(engine.get_limits(HouseholdId(1)).unwrap().0, own);
+        let (id3, plan3) = engine.submit(req, &Grant::unrestricted()).await.unwrap();
+        assert_eq!((id3, plan3), (id, plan), "the idempotency key survives a restart");
+        let mut a = entries_before.clone();
+        let mut b = engine.ledger().all_entries();
+        a.sort_by_key(|e| e.reservation.appliance);
+        b.sort_by_key(|e| e.reservation.appliance);
+        assert_eq!(a.len(), b.len());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.reservation == y.reservation));
+        assert!(engine.inner.next_counter.load(Ordering::SeqCst) >= counter_before, "counters are never reused");
+        assert_eq!(engine.list_events(10).len(), 1);
+    });
+}

@@ -71,7 +71,6 @@ proptest! {
         let (left, right): (Vec<Candidate>, Vec<Candidate>) = candidates.iter().partition(|c| c.2 % 2 == 0);
         let threads: Vec<_> = [left, right].into_iter().map(|batch| {
             let ledger = Arc::clone(&ledger);
-            let make = make.clone();
             std::thread::spawn(move || {
                 for c in &batch {
                     let _ = ledger.try_reserve(make(c), 45, DAY0_MS);
