@@ -1,1 +1,8 @@
+//! End to end: a real engine serving gRPC on a loopback port, real device clients (the SDK) behind gateway
+//! links, a real store in a temporary directory.
 
+mod harness;
+mod invalid;
+mod main_path;
+mod restart;
+mod scenario;

@@ -14,10 +14,7 @@ struct Fridge;
 
 impl Appliance for Fridge {
     fn defer(&self, d: &Deferral) -> Result<u32, String> {
-        println!(
-            "compressor held off for event {} until {}",
-            d.event, d.end_unix_ms
-        );
+        println!("compressor held off for event {} until {}", d.event, d.end_unix_ms);
         Ok(135)
     }
 
@@ -29,12 +26,8 @@ impl Appliance for Fridge {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let endpoint = args
-        .next()
-        .unwrap_or_else(|| "http://127.0.0.1:50051".into());
-    let key = args.next().ok_or_else(|| {
-        anyhow::anyhow!("usage: fridge <engine-url> <public-key-hex> [device-id]")
-    })?;
+    let endpoint = args.next().unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let key = args.next().ok_or_else(|| anyhow::anyhow!("usage: fridge <engine-url> <public-key-hex> [device-id]"))?;
     let device: u64 = args.next().as_deref().unwrap_or("42").parse()?;
     let mut trusted = TrustedKeys::new();
     trusted.add_hex(&key)?;
@@ -47,12 +40,7 @@ async fn main() -> anyhow::Result<()> {
         clock: Arc::new(SystemClock),
         seed: device,
     })
-    .device(
-        ApplianceId(device),
-        DevicePolicy::default(),
-        0,
-        Arc::new(Fridge),
-    )
+    .device(ApplianceId(device), DevicePolicy::default(), 0, Arc::new(Fridge))
     .spawn();
     link.wait_connected().await;
     println!("connected; waiting for commands (Ctrl-C to stop)");

@@ -10,9 +10,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_unix_ms(&self) -> i64 {
-        let d = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
 }
@@ -28,11 +26,7 @@ pub struct ScaledClock {
 impl ScaledClock {
     pub fn new(origin_unix_ms: i64, speed: f64) -> Self {
         assert!(speed.is_finite() && speed >= 1.0, "speed must be >= 1");
-        Self {
-            origin_real: Instant::now(),
-            origin_unix_ms,
-            speed,
-        }
+        Self { origin_real: Instant::now(), origin_unix_ms, speed }
     }
 }
 

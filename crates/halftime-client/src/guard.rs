@@ -17,10 +17,7 @@ pub struct DevicePolicy {
 
 impl Default for DevicePolicy {
     fn default() -> Self {
-        Self {
-            deferral_s_max: 30 * 60,
-            deferred_s_per_day_max: 90 * 60,
-        }
+        Self { deferral_s_max: 30 * 60, deferred_s_per_day_max: 90 * 60 }
     }
 }
 
@@ -66,15 +63,7 @@ pub struct DeviceGuard {
 impl DeviceGuard {
     /// `last_counter` is the highest counter the device has accepted before (persisted by the maker).
     pub fn new(device: ApplianceId, policy: DevicePolicy, last_counter: u64) -> Self {
-        Self {
-            device,
-            policy,
-            last_counter,
-            recent: Vec::new(),
-            day: i64::MIN,
-            deferred_s_today: 0,
-            active: None,
-        }
+        Self { device, policy, last_counter, recent: Vec::new(), day: i64::MIN, deferred_s_today: 0, active: None }
     }
 
     pub fn device(&self) -> ApplianceId {
@@ -129,9 +118,7 @@ impl DeviceGuard {
         }
         if c.kind == CommandKind::Release {
             return match self.active {
-                Some(a) if a.event == c.event => Verdict::Release {
-                    at_unix_ms: c.not_before_unix_ms.max(now_unix_ms),
-                },
+                Some(a) if a.event == c.event => Verdict::Release { at_unix_ms: c.not_before_unix_ms.max(now_unix_ms) },
                 _ => Verdict::Duplicate,
             };
         }
@@ -164,16 +151,8 @@ impl DeviceGuard {
             return Verdict::Reject(RejectReason::DailyCapReached);
         }
         self.deferred_s_today += deferred_s;
-        self.active = Some(Active {
-            event: c.event,
-            counter: c.counter,
-            start_unix_ms: start,
-            end_unix_ms: end,
-        });
-        Verdict::Defer {
-            start_unix_ms: start,
-            end_unix_ms: end,
-        }
+        self.active = Some(Active { event: c.event, counter: c.counter, start_unix_ms: start, end_unix_ms: end });
+        Verdict::Defer { start_unix_ms: start, end_unix_ms: end }
     }
 }
 
@@ -189,14 +168,8 @@ mod tests {
         let signer = Signer::from_seed([1; 32]);
         let mut trusted = TrustedKeys::new();
         trusted.add(signer.public_key()).unwrap();
-        let guard = DeviceGuard::new(
-            ApplianceId(7),
-            DevicePolicy {
-                deferral_s_max: 1200,
-                deferred_s_per_day_max: 1800,
-            },
-            0,
-        );
+        let guard =
+            DeviceGuard::new(ApplianceId(7), DevicePolicy { deferral_s_max: 1200, deferred_s_per_day_max: 1800 }, 0);
         (signer, trusted, guard)
     }
 
@@ -220,10 +193,7 @@ mod tests {
         let c = signer.sign(defer(5, 600));
         assert_eq!(
             guard.check(&trusted, &c, NOW, 10),
-            Verdict::Defer {
-                start_unix_ms: NOW + 10_000,
-                end_unix_ms: NOW + 610_000
-            }
+            Verdict::Defer { start_unix_ms: NOW + 10_000, end_unix_ms: NOW + 610_000 }
         );
         assert_eq!(
             guard.check(&trusted, &c, NOW, 0),
@@ -232,10 +202,7 @@ mod tests {
         );
         guard.clear_active();
         let old = signer.sign(defer(4, 600));
-        assert_eq!(
-            guard.check(&trusted, &old, NOW, 0),
-            Verdict::Reject(RejectReason::Replayed)
-        );
+        assert_eq!(guard.check(&trusted, &old, NOW, 0), Verdict::Reject(RejectReason::Replayed));
     }
 
     #[test]
@@ -243,15 +210,9 @@ mod tests {
         let (signer, trusted, mut guard) = setup();
         let mut tampered = signer.sign(defer(1, 600));
         tampered.command.deferral_s = 1200;
-        assert_eq!(
-            guard.check(&trusted, &tampered, NOW, 0),
-            Verdict::Reject(RejectReason::BadSignature)
-        );
+        assert_eq!(guard.check(&trusted, &tampered, NOW, 0), Verdict::Reject(RejectReason::BadSignature));
         let stranger = Signer::from_seed([2; 32]).sign(defer(2, 600));
-        assert_eq!(
-            guard.check(&trusted, &stranger, NOW, 0),
-            Verdict::Reject(RejectReason::UnknownKey)
-        );
+        assert_eq!(guard.check(&trusted, &stranger, NOW, 0), Verdict::Reject(RejectReason::UnknownKey));
         // A correctly signed command whose key id field was altered fails too.
         let mut rekeyed = signer.sign(defer(3, 600));
         rekeyed.command.key_id ^= 1;
@@ -260,70 +221,44 @@ mod tests {
             Verdict::Reject(RejectReason::UnknownKey | RejectReason::BadSignature)
         ));
         let c = signer.sign(defer(4, 600));
-        assert_eq!(
-            guard.check(&trusted, &c, NOW + 700_000, 0),
-            Verdict::Reject(RejectReason::Expired)
-        );
+        assert_eq!(guard.check(&trusted, &c, NOW + 700_000, 0), Verdict::Reject(RejectReason::Expired));
         let mut other = defer(5, 600);
         other.device = ApplianceId(8);
-        assert_eq!(
-            guard.check(&trusted, &signer.sign(other), NOW, 0),
-            Verdict::Reject(RejectReason::Malformed)
-        );
+        assert_eq!(guard.check(&trusted, &signer.sign(other), NOW, 0), Verdict::Reject(RejectReason::Malformed));
         // Expiry must bound the deferral: a window longer than randomisation + deferral is refused.
         let mut open_ended = defer(6, 600);
         open_ended.not_after_unix_ms += 3_600_000;
-        assert_eq!(
-            guard.check(&trusted, &signer.sign(open_ended), NOW, 0),
-            Verdict::Reject(RejectReason::Malformed)
-        );
+        assert_eq!(guard.check(&trusted, &signer.sign(open_ended), NOW, 0), Verdict::Reject(RejectReason::Malformed));
     }
 
     #[test]
     fn local_caps_hold_even_for_correctly_signed_commands() {
         let (signer, trusted, mut guard) = setup();
         let long = signer.sign(defer(1, 1500));
-        assert_eq!(
-            guard.check(&trusted, &long, NOW, 0),
-            Verdict::Reject(RejectReason::ExceedsLocalCap)
-        );
+        assert_eq!(guard.check(&trusted, &long, NOW, 0), Verdict::Reject(RejectReason::ExceedsLocalCap));
         // Daily total: 1200 s then 900 s passes 1800 s.
-        assert!(matches!(
-            guard.check(&trusted, &signer.sign(defer(2, 1200)), NOW, 0),
-            Verdict::Defer { .. }
-        ));
+        assert!(matches!(guard.check(&trusted, &signer.sign(defer(2, 1200)), NOW, 0), Verdict::Defer { .. }));
         guard.clear_active();
         let mut later = defer(3, 900);
         later.not_before_unix_ms += 3_600_000;
         later.not_after_unix_ms += 3_600_000;
-        assert_eq!(
-            guard.check(&trusted, &signer.sign(later), NOW, 0),
-            Verdict::Reject(RejectReason::DailyCapReached)
-        );
+        assert_eq!(guard.check(&trusted, &signer.sign(later), NOW, 0), Verdict::Reject(RejectReason::DailyCapReached));
     }
 
     #[test]
     fn release_ends_only_the_same_events_deferral() {
         let (signer, trusted, mut guard) = setup();
-        assert!(matches!(
-            guard.check(&trusted, &signer.sign(defer(1, 600)), NOW, 0),
-            Verdict::Defer { .. }
-        ));
+        assert!(matches!(guard.check(&trusted, &signer.sign(defer(1, 600)), NOW, 0), Verdict::Defer { .. }));
         let mut release = defer(2, 0);
         release.kind = CommandKind::Release;
         release.not_after_unix_ms = NOW + 600_000;
         assert_eq!(
             guard.check(&trusted, &signer.sign(release), NOW + 5_000, 0),
-            Verdict::Release {
-                at_unix_ms: NOW + 5_000
-            }
+            Verdict::Release { at_unix_ms: NOW + 5_000 }
         );
         let mut other = release;
         other.counter = 3;
         other.event = EventId(9);
-        assert_eq!(
-            guard.check(&trusted, &signer.sign(other), NOW + 6_000, 0),
-            Verdict::Duplicate
-        );
+        assert_eq!(guard.check(&trusted, &signer.sign(other), NOW + 6_000, 0), Verdict::Duplicate);
     }
 }

@@ -7,9 +7,7 @@ use crate::clock::real_duration;
 use crate::guard::{DeviceGuard, DevicePolicy, Verdict};
 use crate::{Appliance, Deferral, ResumeReason};
 use halftime_core::time::Clock;
-use halftime_core::{
-    ApplianceId, DeviceReport, DeviceStatus, EventId, RejectReason, SignedCommand,
-};
+use halftime_core::{ApplianceId, DeviceReport, DeviceStatus, EventId, RejectReason, SignedCommand};
 use halftime_proto::pb;
 use halftime_proto::pb::device_link_client::DeviceLinkClient;
 use halftime_signer::TrustedKeys;
@@ -45,10 +43,7 @@ pub struct LinkConfig {
 
 impl std::fmt::Debug for LinkConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkConfig")
-            .field("endpoint", &self.endpoint)
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("LinkConfig").field("endpoint", &self.endpoint).field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -87,10 +82,7 @@ pub struct LinkBuilder {
 
 impl LinkBuilder {
     pub fn new(config: LinkConfig) -> Self {
-        Self {
-            config,
-            devices: Vec::new(),
-        }
+        Self { config, devices: Vec::new() }
     }
 
     /// Adds a device with its own caps; `last_counter` is the highest counter it accepted before.
@@ -101,12 +93,8 @@ impl LinkBuilder {
         last_counter: u64,
         appliance: Arc<dyn Appliance>,
     ) -> Self {
-        assert!(
-            self.devices.len() < DEVICES_PER_LINK_MAX,
-            "too many devices on one link"
-        );
-        self.devices
-            .push((id, DeviceGuard::new(id, policy, last_counter), appliance));
+        assert!(self.devices.len() < DEVICES_PER_LINK_MAX, "too many devices on one link");
+        self.devices.push((id, DeviceGuard::new(id, policy, last_counter), appliance));
         self
     }
 
@@ -122,31 +110,14 @@ impl LinkBuilder {
             devices: self
                 .devices
                 .into_iter()
-                .map(|(id, guard, appliance)| {
-                    (
-                        id,
-                        Device {
-                            guard,
-                            appliance,
-                            running: None,
-                        },
-                    )
-                })
+                .map(|(id, guard, appliance)| (id, Device { guard, appliance, running: None }))
                 .collect(),
             timers: BinaryHeap::new(),
-            outbox: Outbox {
-                pending: Vec::new(),
-                dropped: 0,
-                clock,
-            },
+            outbox: Outbox { pending: Vec::new(), dropped: 0, clock },
             connected: connected_tx,
         };
         let task = tokio::spawn(runtime.run(control_rx));
-        LinkHandle {
-            control: control_tx,
-            connected: connected_rx,
-            task,
-        }
+        LinkHandle { control: control_tx, connected: connected_rx, task }
     }
 }
 
@@ -159,9 +130,7 @@ pub struct LinkHandle {
 
 impl std::fmt::Debug for LinkHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkHandle")
-            .field("connected", &*self.connected.borrow())
-            .finish()
+        f.debug_struct("LinkHandle").field("connected", &*self.connected.borrow()).finish()
     }
 }
 
@@ -169,12 +138,7 @@ impl LinkHandle {
     /// The household overrides the device's deferral now. Returns whether one was active or scheduled.
     pub async fn override_now(&self, device: ApplianceId) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self
-            .control
-            .send(Control::Override(device, tx))
-            .await
-            .is_err()
-        {
+        if self.control.send(Control::Override(device, tx)).await.is_err() {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -276,9 +240,7 @@ impl Runtime {
     async fn idle(&mut self, control: &mut mpsc::Receiver<Control>, wait: Duration) -> bool {
         let until = tokio::time::Instant::now() + wait;
         loop {
-            let next = self
-                .next_timer_sleep()
-                .min(until.saturating_duration_since(tokio::time::Instant::now()));
+            let next = self.next_timer_sleep().min(until.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
                 _ = tokio::time::sleep(next) => {
                     self.fire_timers();
@@ -311,8 +273,7 @@ impl Runtime {
             },
             Err(e) => return Exit::Disconnected(e.to_string()),
         };
-        let mut client =
-            DeviceLinkClient::new(channel.clone()).max_decoding_message_size(16 * 1024 * 1024);
+        let mut client = DeviceLinkClient::new(channel.clone()).max_decoding_message_size(16 * 1024 * 1024);
         let (up_tx, up_rx) = mpsc::channel::<pb::Uplink>(256);
         let hello = pb::Uplink {
             msg: Some(pb::uplink::Msg::Hello(pb::Hello {
@@ -328,9 +289,7 @@ impl Runtime {
             Err(s) => return Exit::Disconnected(s.to_string()),
         };
         match down.message().await {
-            Ok(Some(pb::Downlink {
-                msg: Some(pb::downlink::Msg::HelloAck(_)),
-            })) => {}
+            Ok(Some(pb::Downlink { msg: Some(pb::downlink::Msg::HelloAck(_)) })) => {}
             Ok(_) => return Exit::Disconnected("no hello ack".into()),
             Err(s) => return Exit::Disconnected(s.to_string()),
         }
@@ -341,9 +300,7 @@ impl Runtime {
         loop {
             if !self.outbox.pending.is_empty() {
                 let reports = std::mem::take(&mut self.outbox.pending);
-                let msg = pb::Uplink {
-                    msg: Some(pb::uplink::Msg::Reports(pb::ReportBatch { reports })),
-                };
+                let msg = pb::Uplink { msg: Some(pb::uplink::Msg::Reports(pb::ReportBatch { reports })) };
                 if up_tx.send(msg).await.is_err() {
                     return Exit::Disconnected("uplink closed".into());
                 }
@@ -369,10 +326,7 @@ impl Runtime {
     async fn resync(&mut self, channel: &Channel) -> Result<(), String> {
         let mut client = DeviceLinkClient::new(channel.clone());
         for id in self.ids.clone() {
-            let r = client
-                .resync(pb::ResyncRequest { device_id: id })
-                .await
-                .map_err(|s| s.to_string())?;
+            let r = client.resync(pb::ResyncRequest { device_id: id }).await.map_err(|s| s.to_string())?;
             self.on_commands(&r.into_inner().commands);
         }
         Ok(())
@@ -401,30 +355,13 @@ impl Runtime {
         let c = cmd.command;
         let offset = self.rng.gen_range(0..=c.randomize_start_s);
         let Some(d) = self.devices.get_mut(&c.device) else {
-            self.outbox.report(
-                c.device,
-                c.event,
-                c.counter,
-                DeviceStatus::Rejected,
-                Some(RejectReason::Malformed),
-                0,
-            );
+            self.outbox.report(c.device, c.event, c.counter, DeviceStatus::Rejected, Some(RejectReason::Malformed), 0);
             return;
         };
         let verdict = d.guard.check(&self.config.trusted, cmd, now, offset);
         match verdict {
-            Verdict::Defer {
-                start_unix_ms,
-                end_unix_ms,
-            } => {
-                self.outbox.report(
-                    c.device,
-                    c.event,
-                    c.counter,
-                    DeviceStatus::Received,
-                    None,
-                    0,
-                );
+            Verdict::Defer { start_unix_ms, end_unix_ms } => {
+                self.outbox.report(c.device, c.event, c.counter, DeviceStatus::Received, None, 0);
                 self.timers.push(Reverse(Timer {
                     at_unix_ms: start_unix_ms,
                     kind: TimerKind::Start,
@@ -441,14 +378,7 @@ impl Runtime {
             }
             Verdict::Release { at_unix_ms } => {
                 let active = d.guard.active().map(|a| a.counter).unwrap_or(0);
-                self.outbox.report(
-                    c.device,
-                    c.event,
-                    c.counter,
-                    DeviceStatus::Received,
-                    None,
-                    0,
-                );
+                self.outbox.report(c.device, c.event, c.counter, DeviceStatus::Received, None, 0);
                 self.timers.push(Reverse(Timer {
                     at_unix_ms,
                     kind: TimerKind::Release,
@@ -457,34 +387,17 @@ impl Runtime {
                 }));
                 self.fire_timers();
             }
-            Verdict::Duplicate => self.outbox.report(
-                c.device,
-                c.event,
-                c.counter,
-                DeviceStatus::Received,
-                None,
-                0,
-            ),
+            Verdict::Duplicate => self.outbox.report(c.device, c.event, c.counter, DeviceStatus::Received, None, 0),
             Verdict::Reject(reason) => {
                 tracing::debug!(device = %c.device, ?reason, "command rejected");
-                self.outbox.report(
-                    c.device,
-                    c.event,
-                    c.counter,
-                    DeviceStatus::Rejected,
-                    Some(reason),
-                    0,
-                );
+                self.outbox.report(c.device, c.event, c.counter, DeviceStatus::Rejected, Some(reason), 0);
             }
         }
     }
 
     fn next_timer_sleep(&self) -> Duration {
         match self.timers.peek() {
-            Some(Reverse(t)) => real_duration(
-                &*self.config.clock,
-                t.at_unix_ms - self.config.clock.now_unix_ms(),
-            ),
+            Some(Reverse(t)) => real_duration(&*self.config.clock, t.at_unix_ms - self.config.clock.now_unix_ms()),
             None => Duration::from_secs(3600),
         }
     }
@@ -532,21 +445,14 @@ impl Runtime {
                 },
                 TimerKind::End | TimerKind::Release => {
                     if d.running.take().is_some() {
-                        let reason = if t.kind == TimerKind::End {
-                            ResumeReason::Completed
-                        } else {
-                            ResumeReason::Released
-                        };
+                        let reason =
+                            if t.kind == TimerKind::End { ResumeReason::Completed } else { ResumeReason::Released };
                         d.appliance.resume(&deferral, reason);
                     }
                     d.guard.clear_active();
-                    let status = if t.kind == TimerKind::End {
-                        DeviceStatus::Completed
-                    } else {
-                        DeviceStatus::Released
-                    };
-                    self.outbox
-                        .report(t.device, active.event, active.counter, status, None, 0);
+                    let status =
+                        if t.kind == TimerKind::End { DeviceStatus::Completed } else { DeviceStatus::Released };
+                    self.outbox.report(t.device, active.event, active.counter, status, None, 0);
                 }
             }
         }
@@ -560,27 +466,14 @@ impl Runtime {
             return false;
         };
         if d.running.take().is_some() {
-            d.appliance
-                .resume(&deferral_of(active), ResumeReason::Overridden);
+            d.appliance.resume(&deferral_of(active), ResumeReason::Overridden);
         }
         d.guard.clear_active();
-        self.outbox.report(
-            device,
-            active.event,
-            active.counter,
-            DeviceStatus::Overridden,
-            None,
-            0,
-        );
+        self.outbox.report(device, active.event, active.counter, DeviceStatus::Overridden, None, 0);
         true
     }
 }
 
 fn deferral_of(a: crate::guard::Active) -> Deferral {
-    Deferral {
-        event: a.event,
-        counter: a.counter,
-        start_unix_ms: a.start_unix_ms,
-        end_unix_ms: a.end_unix_ms,
-    }
+    Deferral { event: a.event, counter: a.counter, start_unix_ms: a.start_unix_ms, end_unix_ms: a.end_unix_ms }
 }

@@ -64,9 +64,8 @@ impl DeferralCommand {
 
     /// Latest time the deferral can end: not before + randomisation + deferral, capped by the expiry.
     pub fn latest_end_unix_ms(&self) -> i64 {
-        let end = self.not_before_unix_ms
-            + i64::from(self.randomize_start_s) * 1000
-            + i64::from(self.deferral_s) * 1000;
+        let end =
+            self.not_before_unix_ms + i64::from(self.randomize_start_s) * 1000 + i64::from(self.deferral_s) * 1000;
         end.min(self.not_after_unix_ms)
     }
 }
@@ -88,8 +87,7 @@ mod sig_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
         let v: Vec<u8> = Deserialize::deserialize(d)?;
-        v.try_into()
-            .map_err(|_| serde::de::Error::custom("signature must be 64 bytes"))
+        v.try_into().map_err(|_| serde::de::Error::custom("signature must be 64 bytes"))
     }
 }
 

@@ -37,10 +37,7 @@ impl QuietWindow {
             } else {
                 [(base + start_ms, base + MS_PER_DAY + end_ms), (0, 0)]
             };
-            if windows
-                .iter()
-                .any(|&(a, b)| a < b && a < to_unix_ms && from_unix_ms < b)
-            {
+            if windows.iter().any(|&(a, b)| a < b && a < to_unix_ms && from_unix_ms < b) {
                 return true;
             }
         }
@@ -89,9 +86,7 @@ impl Limits {
         quiet_windows.extend(other.quiet_windows.iter().copied());
         Limits {
             events_per_day_max: self.events_per_day_max.min(other.events_per_day_max),
-            deferred_min_per_day_max: self
-                .deferred_min_per_day_max
-                .min(other.deferred_min_per_day_max),
+            deferred_min_per_day_max: self.deferred_min_per_day_max.min(other.deferred_min_per_day_max),
             deferral_min_max: self.deferral_min_max.min(other.deferral_min_max),
             rest_min_min: self.rest_min_min.max(other.rest_min_min),
             quiet_windows,
@@ -186,11 +181,7 @@ pub fn check_reservation(
     if u64::from(new.deferral_s) > deferral_s_max {
         return Err(ReservationCheck::DeferralTooLong);
     }
-    if limits
-        .quiet_windows
-        .iter()
-        .any(|w| w.overlaps(new.not_before_unix_ms, new.not_after_unix_ms))
-    {
+    if limits.quiet_windows.iter().any(|w| w.overlaps(new.not_before_unix_ms, new.not_after_unix_ms)) {
         return Err(ReservationCheck::QuietWindow);
     }
     let day = new.day();
@@ -251,10 +242,7 @@ mod tests {
             deferred_min_per_day_max: 40,
             deferral_min_max: 20,
             rest_min_min: 30,
-            quiet_windows: vec![QuietWindow {
-                start_min: 23 * 60,
-                end_min: 6 * 60,
-            }],
+            quiet_windows: vec![QuietWindow { start_min: 23 * 60, end_min: 6 * 60 }],
             never: false,
             paused: false,
         };
@@ -262,28 +250,13 @@ mod tests {
         let noon = day0 + 12 * 60;
         let a = res(1, 1, noon, 15);
         assert_eq!(check_reservation(&limits, 30, &[], &a), Ok(()));
-        assert_eq!(
-            check_reservation(&limits, 30, &[], &res(1, 1, noon, 25)),
-            Err(ReservationCheck::DeferralTooLong)
-        );
-        assert_eq!(
-            check_reservation(&limits, 10, &[], &a),
-            Err(ReservationCheck::DeferralTooLong)
-        );
+        assert_eq!(check_reservation(&limits, 30, &[], &res(1, 1, noon, 25)), Err(ReservationCheck::DeferralTooLong));
+        assert_eq!(check_reservation(&limits, 10, &[], &a), Err(ReservationCheck::DeferralTooLong));
         // Same event, other appliance, overlapping: fine. Same appliance overlapping: busy.
-        assert_eq!(
-            check_reservation(&limits, 30, &[a], &res(1, 2, noon, 15)),
-            Ok(())
-        );
-        assert_eq!(
-            check_reservation(&limits, 30, &[a], &res(2, 1, noon + 5, 5)),
-            Err(ReservationCheck::ApplianceBusy)
-        );
+        assert_eq!(check_reservation(&limits, 30, &[a], &res(1, 2, noon, 15)), Ok(()));
+        assert_eq!(check_reservation(&limits, 30, &[a], &res(2, 1, noon + 5, 5)), Err(ReservationCheck::ApplianceBusy));
         // Another event too close: rest.
-        assert_eq!(
-            check_reservation(&limits, 30, &[a], &res(2, 2, noon + 30, 10)),
-            Err(ReservationCheck::Rest)
-        );
+        assert_eq!(check_reservation(&limits, 30, &[a], &res(2, 2, noon + 30, 10)), Err(ReservationCheck::Rest));
         let b = res(2, 2, noon + 45, 10);
         assert_eq!(check_reservation(&limits, 30, &[a], &b), Ok(()));
         // Third event in the day.
@@ -305,44 +278,21 @@ mod tests {
             check_reservation(&limits, 30, &[], &res(1, 1, day0 + 5 * 60, 5)),
             Err(ReservationCheck::QuietWindow)
         );
-        assert_eq!(
-            check_reservation(&limits, 30, &[], &res(1, 1, day0 + 6 * 60, 5)),
-            Ok(())
-        );
-        assert_eq!(
-            check_reservation(&limits, 30, &[], &res(1, 1, day0 + 22 * 60 + 50, 10)),
-            Ok(())
-        );
+        assert_eq!(check_reservation(&limits, 30, &[], &res(1, 1, day0 + 6 * 60, 5)), Ok(()));
+        assert_eq!(check_reservation(&limits, 30, &[], &res(1, 1, day0 + 22 * 60 + 50, 10)), Ok(()));
         assert_eq!(
             check_reservation(&limits, 30, &[], &res(1, 1, day0 + 22 * 60 + 55, 10)),
             Err(ReservationCheck::QuietWindow)
         );
-        let never = Limits {
-            never: true,
-            ..limits.clone()
-        };
-        assert_eq!(
-            check_reservation(&never, 30, &[], &a),
-            Err(ReservationCheck::Never)
-        );
-        let paused = Limits {
-            paused: true,
-            ..limits
-        };
-        assert_eq!(
-            check_reservation(&paused, 30, &[], &a),
-            Err(ReservationCheck::Paused)
-        );
+        let never = Limits { never: true, ..limits.clone() };
+        assert_eq!(check_reservation(&never, 30, &[], &a), Err(ReservationCheck::Never));
+        let paused = Limits { paused: true, ..limits };
+        assert_eq!(check_reservation(&paused, 30, &[], &a), Err(ReservationCheck::Paused));
     }
 
     #[test]
     fn tighter_takes_the_stricter_of_each_field() {
-        let own = Limits {
-            events_per_day_max: 5,
-            rest_min_min: 10,
-            never: true,
-            ..Limits::system_default()
-        };
+        let own = Limits { events_per_day_max: 5, rest_min_min: 10, never: true, ..Limits::system_default() };
         let eff = own.tighter(&Limits::system_default());
         assert_eq!(eff.events_per_day_max, 2);
         assert_eq!(eff.rest_min_min, 60);
@@ -393,24 +343,15 @@ pub fn audit(
     }
     let rest_ms = i64::from(limits.rest_min_min) * MS_PER_MIN;
     for (i, a) in set.iter().enumerate() {
-        let cap_s = u64::from(
-            limits
-                .deferral_min_max
-                .min(appliance_deferral_min_max(a.appliance)),
-        ) * 60;
+        let cap_s = u64::from(limits.deferral_min_max.min(appliance_deferral_min_max(a.appliance))) * 60;
         if u64::from(a.deferral_s) > cap_s {
             flag(ReservationCheck::DeferralTooLong);
         }
-        if limits
-            .quiet_windows
-            .iter()
-            .any(|w| w.overlaps(a.not_before_unix_ms, a.not_after_unix_ms))
-        {
+        if limits.quiet_windows.iter().any(|w| w.overlaps(a.not_before_unix_ms, a.not_after_unix_ms)) {
             flag(ReservationCheck::QuietWindow);
         }
         for b in &set[i + 1..] {
-            let overlap = a.not_before_unix_ms < b.not_after_unix_ms
-                && b.not_before_unix_ms < a.not_after_unix_ms;
+            let overlap = a.not_before_unix_ms < b.not_after_unix_ms && b.not_before_unix_ms < a.not_after_unix_ms;
             if a.appliance == b.appliance && overlap {
                 flag(ReservationCheck::ApplianceBusy);
             }

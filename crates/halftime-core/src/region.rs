@@ -27,10 +27,7 @@ impl RegionSet {
     /// Builds a region set; ids must be unique, non-empty, and at most [`N_REGIONS_MAX`].
     pub fn new(defs: Vec<RegionDef>) -> Result<Self, String> {
         if defs.is_empty() || defs.len() > N_REGIONS_MAX {
-            return Err(format!(
-                "regions: need 1..={N_REGIONS_MAX} regions, got {}",
-                defs.len()
-            ));
+            return Err(format!("regions: need 1..={N_REGIONS_MAX} regions, got {}", defs.len()));
         }
         for (i, d) in defs.iter().enumerate() {
             if d.id.is_empty() || d.id.len() > 16 {
@@ -62,10 +59,7 @@ impl RegionSet {
             ("_P", "North Scotland"),
         ]
         .into_iter()
-        .map(|(id, name)| RegionDef {
-            id: id.to_string(),
-            name: name.to_string(),
-        })
+        .map(|(id, name)| RegionDef { id: id.to_string(), name: name.to_string() })
         .collect();
         Self { defs }
     }
@@ -80,10 +74,7 @@ impl RegionSet {
 
     pub fn lookup(&self, id: &str) -> Option<RegionId> {
         // Construction bounds len() to N_REGIONS_MAX, so the index fits in u16.
-        self.defs
-            .iter()
-            .position(|d| d.id == id)
-            .map(|i| RegionId(i as u16))
+        self.defs.iter().position(|d| d.id == id).map(|i| RegionId(i as u16))
     }
 
     pub fn code(&self, region: RegionId) -> &str {

@@ -39,10 +39,7 @@ impl fmt::Display for FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: reason.into(),
-        }
+        Self { field: field.into(), reason: reason.into() }
     }
 }
 
@@ -51,33 +48,19 @@ fn fail<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Fie
 }
 
 /// A target per slot given in MW or kW (exactly one), returned in W.
-pub fn target_w(
-    target_mw: &[f64],
-    target_kw: &[f64],
-    field_mw: &str,
-    field_kw: &str,
-) -> Result<Vec<f64>, FieldError> {
+pub fn target_w(target_mw: &[f64], target_kw: &[f64], field_mw: &str, field_kw: &str) -> Result<Vec<f64>, FieldError> {
     let (values, field, to_w) = match (target_mw.is_empty(), target_kw.is_empty()) {
         (false, true) => (target_mw, field_mw, 1e6),
         (true, false) => (target_kw, field_kw, 1e3),
         (true, true) => {
-            return fail(
-                field_mw,
-                format!("one of {field_mw} or {field_kw} must be given"),
-            );
+            return fail(field_mw, format!("one of {field_mw} or {field_kw} must be given"));
         }
         (false, false) => {
             return fail(field_mw, format!("give {field_mw} or {field_kw}, not both"));
         }
     };
     if values.len() > N_SLOTS_MAX {
-        return fail(
-            field,
-            format!(
-                "at most {N_SLOTS_MAX} one-minute slots, got {}",
-                values.len()
-            ),
-        );
+        return fail(field, format!("at most {N_SLOTS_MAX} one-minute slots, got {}", values.len()));
     }
     let mut out = Vec::with_capacity(values.len());
     for (i, &v) in values.iter().enumerate() {
@@ -86,10 +69,7 @@ pub fn target_w(
         }
         let w = v * to_w;
         if w > TARGET_MW_MAX * 1e6 {
-            return fail(
-                format!("{field}[{i}]"),
-                format!("above the sanity cap of {TARGET_MW_MAX} MW"),
-            );
+            return fail(format!("{field}[{i}]"), format!("above the sanity cap of {TARGET_MW_MAX} MW"));
         }
         out.push(w);
     }
@@ -110,16 +90,10 @@ pub fn regions(raw: &[String], set: &RegionSet, field: &str) -> Result<Vec<Regio
     let mut out = Vec::with_capacity(raw.len());
     for (i, code) in raw.iter().enumerate() {
         let Some(id) = set.lookup(code) else {
-            return fail(
-                format!("{field}[{i}]"),
-                format!("unknown region {:?}", truncate(code)),
-            );
+            return fail(format!("{field}[{i}]"), format!("unknown region {:?}", truncate(code)));
         };
         if out.contains(&id) {
-            return fail(
-                format!("{field}[{i}]"),
-                format!("region {code:?} is repeated"),
-            );
+            return fail(format!("{field}[{i}]"), format!("region {code:?} is repeated"));
         }
         out.push(id);
     }
@@ -128,8 +102,7 @@ pub fn regions(raw: &[String], set: &RegionSet, field: &str) -> Result<Vec<Regio
 }
 
 pub fn region(code: &str, set: &RegionSet, field: &str) -> Result<RegionId, FieldError> {
-    set.lookup(code)
-        .ok_or_else(|| FieldError::new(field, format!("unknown region {:?}", truncate(code))))
+    set.lookup(code).ok_or_else(|| FieldError::new(field, format!("unknown region {:?}", truncate(code))))
 }
 
 fn truncate(s: &str) -> String {
@@ -138,10 +111,7 @@ fn truncate(s: &str) -> String {
 
 pub fn idempotency_key(key: &str, field: &str) -> Result<(), FieldError> {
     if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX {
-        return fail(
-            field,
-            format!("must be 1..={IDEMPOTENCY_KEY_LEN_MAX} characters"),
-        );
+        return fail(field, format!("must be 1..={IDEMPOTENCY_KEY_LEN_MAX} characters"));
     }
     if !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         return fail(field, "must be printable ASCII without spaces");
@@ -195,10 +165,7 @@ pub fn stress_event(
     };
     let target_w = target_w(input.target_mw, input.target_kw, "target_mw", "target_kw")?;
     if input.deferral_min_max == 0 || input.deferral_min_max > EVENT_DEFERRAL_MIN_MAX {
-        return fail(
-            "deferral_min_max",
-            format!("must be 1..={EVENT_DEFERRAL_MIN_MAX} minutes"),
-        );
+        return fail("deferral_min_max", format!("must be 1..={EVENT_DEFERRAL_MIN_MAX} minutes"));
     }
     idempotency_key(input.idempotency_key, "idempotency_key")?;
     Ok(StressEventSpec {
@@ -225,20 +192,13 @@ pub struct ApplianceInput<'a> {
 }
 
 /// Validates one appliance; `prefix` is its path in the request (`appliances[3]`).
-pub fn appliance(
-    input: &ApplianceInput<'_>,
-    set: &RegionSet,
-    prefix: &str,
-) -> Result<Appliance, FieldError> {
+pub fn appliance(input: &ApplianceInput<'_>, set: &RegionSet, prefix: &str) -> Result<Appliance, FieldError> {
     let f = |name: &str| format!("{prefix}.{name}");
     let id = appliance_id(input.appliance_id, &f("appliance_id"))?;
     let household = household_id(input.household_id, &f("household_id"))?;
     let region = region(input.region, set, &f("region"))?;
     if input.rated_power_w == 0 || input.rated_power_w > RATED_POWER_W_MAX {
-        return fail(
-            f("rated_power_w"),
-            format!("must be 1..={RATED_POWER_W_MAX} W"),
-        );
+        return fail(f("rated_power_w"), format!("must be 1..={RATED_POWER_W_MAX} W"));
     }
     let profile = input.class.profile();
     let permille = |v: u32, default: u32, name: &str| -> Result<u16, FieldError> {
@@ -248,24 +208,14 @@ pub fn appliance(
             _ => fail(f(name), "must be 0..=1000 per mille"),
         }
     };
-    let duty_cycle_permille = permille(
-        input.duty_cycle_permille,
-        profile.duty_cycle_permille,
-        "duty_cycle_permille",
-    )?;
-    let override_rate_permille = permille(
-        input.override_rate_permille,
-        profile.override_rate_permille,
-        "override_rate_permille",
-    )?;
+    let duty_cycle_permille = permille(input.duty_cycle_permille, profile.duty_cycle_permille, "duty_cycle_permille")?;
+    let override_rate_permille =
+        permille(input.override_rate_permille, profile.override_rate_permille, "override_rate_permille")?;
     let deferral_min_max = match input.deferral_min_max {
         0 => profile.deferral_min_max_safe,
         v if v <= APPLIANCE_DEFERRAL_MIN_MAX => v,
         _ => {
-            return fail(
-                f("deferral_min_max"),
-                format!("must be 0..={APPLIANCE_DEFERRAL_MIN_MAX} minutes"),
-            );
+            return fail(f("deferral_min_max"), format!("must be 0..={APPLIANCE_DEFERRAL_MIN_MAX} minutes"));
         }
     };
     Ok(Appliance {
@@ -291,38 +241,23 @@ pub fn limits(l: &Limits, prefix: &str) -> Result<(), FieldError> {
         return fail(f("deferred_min_per_day_max"), "must be 0..=1440");
     }
     if l.deferral_min_max > APPLIANCE_DEFERRAL_MIN_MAX {
-        return fail(
-            f("deferral_min_max"),
-            format!("must be 0..={APPLIANCE_DEFERRAL_MIN_MAX}"),
-        );
+        return fail(f("deferral_min_max"), format!("must be 0..={APPLIANCE_DEFERRAL_MIN_MAX}"));
     }
     if l.rest_min_min > 7 * 24 * 60 {
         return fail(f("rest_min_min"), "must be 0..=10080 (one week)");
     }
     if l.quiet_windows.len() > N_QUIET_WINDOWS_MAX {
-        return fail(
-            f("quiet_windows"),
-            format!("at most {N_QUIET_WINDOWS_MAX} windows"),
-        );
+        return fail(f("quiet_windows"), format!("at most {N_QUIET_WINDOWS_MAX} windows"));
     }
     for (i, QuietWindow { start_min, end_min }) in l.quiet_windows.iter().enumerate() {
         if *start_min >= 1440 {
-            return fail(
-                format!("{prefix}.quiet_windows[{i}].start_min"),
-                "must be 0..=1439",
-            );
+            return fail(format!("{prefix}.quiet_windows[{i}].start_min"), "must be 0..=1439");
         }
         if *end_min > 1440 {
-            return fail(
-                format!("{prefix}.quiet_windows[{i}].end_min"),
-                "must be 0..=1440",
-            );
+            return fail(format!("{prefix}.quiet_windows[{i}].end_min"), "must be 0..=1440");
         }
         if start_min == end_min {
-            return fail(
-                format!("{prefix}.quiet_windows[{i}]"),
-                "start_min and end_min must differ",
-            );
+            return fail(format!("{prefix}.quiet_windows[{i}]"), "start_min and end_min must differ");
         }
     }
     Ok(())
@@ -367,60 +302,20 @@ mod tests {
             (input(&ok_regions, &[f64::NAN]), "target_mw[0]"),
             (input(&ok_regions, &[1.0, -1.0]), "target_mw[1]"),
             (input(&ok_regions, &[0.0]), "target_mw"),
-            (
-                StressEventInput {
-                    deferral_min_max: 0,
-                    ..input(&ok_regions, &[1.0])
-                },
-                "deferral_min_max",
-            ),
-            (
-                StressEventInput {
-                    idempotency_key: "",
-                    ..input(&ok_regions, &[1.0])
-                },
-                "idempotency_key",
-            ),
-            (
-                StressEventInput {
-                    idempotency_key: "a b",
-                    ..input(&ok_regions, &[1.0])
-                },
-                "idempotency_key",
-            ),
-            (
-                StressEventInput {
-                    start_unix_ms: 5,
-                    ..input(&ok_regions, &[1.0])
-                },
-                "start_unix_ms",
-            ),
-            (
-                StressEventInput {
-                    target_kw: &[1.0],
-                    ..input(&ok_regions, &[1.0])
-                },
-                "target_mw",
-            ),
+            (StressEventInput { deferral_min_max: 0, ..input(&ok_regions, &[1.0]) }, "deferral_min_max"),
+            (StressEventInput { idempotency_key: "", ..input(&ok_regions, &[1.0]) }, "idempotency_key"),
+            (StressEventInput { idempotency_key: "a b", ..input(&ok_regions, &[1.0]) }, "idempotency_key"),
+            (StressEventInput { start_unix_ms: 5, ..input(&ok_regions, &[1.0]) }, "start_unix_ms"),
+            (StressEventInput { target_kw: &[1.0], ..input(&ok_regions, &[1.0]) }, "target_mw"),
         ];
         for (case, field) in cases {
             let err = stress_event(&case, &set, now).unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
         let bad_region = vec!["_Z".to_string()];
-        assert_eq!(
-            stress_event(&input(&bad_region, &[1.0]), &set, now)
-                .unwrap_err()
-                .field,
-            "regions[0]"
-        );
+        assert_eq!(stress_event(&input(&bad_region, &[1.0]), &set, now).unwrap_err().field, "regions[0]");
         let repeated = vec!["_A".to_string(), "_A".to_string()];
-        assert_eq!(
-            stress_event(&input(&repeated, &[1.0]), &set, now)
-                .unwrap_err()
-                .field,
-            "regions[1]"
-        );
+        assert_eq!(stress_event(&input(&repeated, &[1.0]), &set, now).unwrap_err().field, "regions[1]");
     }
 
     proptest! {

@@ -4,13 +4,10 @@
 use crate::{EngineError, Inner};
 use halftime_core::time::MS_PER_MIN;
 use halftime_core::{
-    Appliance, CommandKind, DeferralCommand, EventId, HouseholdId, RegionId, Reservation,
-    SignedCommand,
+    Appliance, CommandKind, DeferralCommand, EventId, HouseholdId, RegionId, Reservation, SignedCommand,
 };
 use halftime_ledger::Standing;
-use halftime_planner::{
-    Allocation, Cohort, CohortKey, Evaluation, N_BURDEN_BANDS, PlanRequest, budget_band,
-};
+use halftime_planner::{Allocation, Cohort, CohortKey, Evaluation, N_BURDEN_BANDS, PlanRequest, budget_band};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -48,48 +45,24 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     let mut standing: HashMap<HouseholdId, Option<Standing>> = HashMap::new();
     let mut eligible: Vec<(Appliance, u8, f64)> = Vec::new();
     inner.registry.for_each_in(input.regions, |a| {
-        let s = *standing.entry(a.household).or_insert_with(|| {
-            inner.ledger.standing(
-                a.household,
-                input.event,
-                input.start_unix_ms,
-                input.now_unix_ms,
-            )
-        });
+        let s = *standing
+            .entry(a.household)
+            .or_insert_with(|| inner.ledger.standing(a.household, input.event, input.start_unix_ms, input.now_unix_ms));
         let Some(s) = s else { return };
-        let budget_min = s
-            .budget_min
-            .min(u32::from(a.deferral_min_max))
-            .min(input.deferral_min_max);
+        let budget_min = s.budget_min.min(u32::from(a.deferral_min_max)).min(input.deferral_min_max);
         if let Some(band) = budget_band(budget_min) {
             eligible.push((*a, band, s.burden_kw_min));
         }
     });
-    let cuts = burden_cuts(
-        standing
-            .values()
-            .flatten()
-            .map(|s| s.burden_kw_min)
-            .collect(),
-    );
+    let cuts = burden_cuts(standing.values().flatten().map(|s| s.burden_kw_min).collect());
     let mut index: HashMap<CohortKey, usize> = HashMap::new();
     let mut cohorts: Vec<Cohort> = Vec::new();
     let mut members: Vec<Vec<Member>> = Vec::new();
     for (a, budget_band, burden) in eligible {
         let burden_band = cuts.iter().filter(|&&c| burden > c).count() as u8;
-        let key = CohortKey {
-            region: a.region,
-            class: a.class,
-            budget_band,
-            burden_band,
-        };
+        let key = CohortKey { region: a.region, class: a.class, budget_band, burden_band };
         let i = *index.entry(key).or_insert_with(|| {
-            cohorts.push(Cohort {
-                key,
-                n_appliances: 0,
-                reduction_w_sum: 0.0,
-                reduction_w_net_sum: 0.0,
-            });
+            cohorts.push(Cohort { key, n_appliances: 0, reduction_w_sum: 0.0, reduction_w_net_sum: 0.0 });
             members.push(Vec::new());
             cohorts.len() - 1
         });
@@ -98,17 +71,10 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         c.n_appliances += 1;
         c.reduction_w_sum += r;
         c.reduction_w_net_sum += r * (1.0 - a.override_rate());
-        members[i].push(Member {
-            burden_kw_min: burden,
-            appliance: a,
-        });
+        members[i].push(Member { burden_kw_min: burden, appliance: a });
     }
     for m in &mut members {
-        m.sort_by(|a, b| {
-            a.burden_kw_min
-                .total_cmp(&b.burden_kw_min)
-                .then(a.appliance.id.cmp(&b.appliance.id))
-        });
+        m.sort_by(|a, b| a.burden_kw_min.total_cmp(&b.burden_kw_min).then(a.appliance.id.cmp(&b.appliance.id)));
     }
     let req = PlanRequest {
         target_w: input.target_w.to_vec(),
@@ -141,15 +107,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
                 deferral_s,
                 reduction_kw: (m.appliance.expected_reduction_w() / 1e3) as f32,
             };
-            if inner
-                .ledger
-                .try_reserve(
-                    r,
-                    u32::from(m.appliance.deferral_min_max),
-                    input.now_unix_ms,
-                )
-                .is_ok()
-            {
+            if inner.ledger.try_reserve(r, u32::from(m.appliance.deferral_min_max), input.now_unix_ms).is_ok() {
                 reservations.push(r);
                 got += 1;
             }

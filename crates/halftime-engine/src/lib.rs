@@ -16,9 +16,9 @@ use dashmap::DashMap;
 use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_core::validate::{self, StressEventInput};
 use halftime_core::{
-    Appliance, ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport,
-    DeviceStatus, EventId, EventProgress, EventRecord, EventState, FieldError, HouseholdId, Limits,
-    Outcome, PlanSummary, Priority, RegionId, RegionSet, SignedCommand, StressEventSpec,
+    Appliance, ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport, DeviceStatus, EventId,
+    EventProgress, EventRecord, EventState, FieldError, HouseholdId, Limits, Outcome, PlanSummary, Priority, RegionId,
+    RegionSet, SignedCommand, StressEventSpec,
 };
 use halftime_headend::{HeadEnd, HeadEndConfig, LinkId, LinkReceiver};
 use halftime_ledger::Ledger;
@@ -98,10 +98,7 @@ pub struct Grant {
 
 impl Grant {
     pub fn unrestricted() -> Self {
-        Self {
-            regions: None,
-            target_w_max: f64::INFINITY,
-        }
+        Self { regions: None, target_w_max: f64::INFINITY }
     }
 }
 
@@ -148,6 +145,7 @@ pub(crate) struct Inner {
     next_event_id: AtomicU64,
     key_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     outcomes: mpsc::Sender<WriterMsg>,
+    stopping: watch::Sender<bool>,
 }
 
 enum WriterMsg {
@@ -173,22 +171,14 @@ const OUTCOME_QUEUE_LEN: usize = 65_536;
 /// Outcomes written per store transaction at most.
 const OUTCOME_BATCH_LEN: usize = 16_384;
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, EngineError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| EngineError::Internal(format!("blocking task: {e}")))
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| EngineError::Internal(format!("blocking task: {e}")))
 }
 
 impl Engine {
     /// Opens the engine on a data directory, restoring everything it held, and starts its background tasks
     /// (the closed-loop tick and the outcome writer) on the current Tokio runtime.
-    pub async fn open(
-        config: EngineConfig,
-        data_dir: &Path,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, EngineError> {
+    pub async fn open(config: EngineConfig, data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, EngineError> {
         let dir = data_dir.to_path_buf();
         let store = Arc::new(blocking(move || Store::open(&dir)).await??);
         let s = Arc::clone(&store);
@@ -196,8 +186,7 @@ impl Engine {
             match s.signing_seed()? {
                 Some(seed) => Ok(Signer::from_seed(seed)),
                 None => {
-                    let signer =
-                        Signer::generate().map_err(|e| EngineError::Internal(e.to_string()))?;
+                    let signer = Signer::generate().map_err(|e| EngineError::Internal(e.to_string()))?;
                     s.set_signing_seed(&signer.seed())?;
                     Ok(signer)
                 }
@@ -206,11 +195,7 @@ impl Engine {
         .await??;
         let (outcome_tx, outcome_rx) = mpsc::channel(OUTCOME_QUEUE_LEN);
         let inner = Arc::new(Inner {
-            ledger: Ledger::new(
-                config.system_caps.clone(),
-                config.fairness_window_days,
-                config.retention_days,
-            ),
+            ledger: Ledger::new(config.system_caps.clone(), config.fairness_window_days, config.retention_days),
             registry: Registry::new(config.regions.len()),
             headend: HeadEnd::new(config.headend.clone()),
             config,
@@ -222,6 +207,7 @@ impl Engine {
             next_event_id: AtomicU64::new(1),
             key_locks: DashMap::new(),
             outcomes: outcome_tx,
+            stopping: watch::channel(false).0,
         });
         let engine = Engine { inner };
         engine.recover().await?;
@@ -256,9 +242,7 @@ impl Engine {
         let mut max_id = 0;
         for record in events {
             max_id = max_id.max(record.id.0);
-            inner
-                .events
-                .insert(record.id, Arc::new(EventRuntime::new(record)));
+            inner.events.insert(record.id, Arc::new(EventRuntime::new(record)));
         }
         inner.next_event_id.store(max_id + 1, Ordering::SeqCst);
         for (event, _, d) in dispatches {
@@ -295,19 +279,14 @@ impl Engine {
 
     fn apply_outcome(&self, o: &Outcome) -> Option<Arc<EventRuntime>> {
         let rt = self.inner.events.get(&o.event).map(|e| Arc::clone(&e))?;
-        let end_early = rt
-            .lock()
-            .apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w);
-        match end_early {
-            Some(at) => {
-                self.inner
-                    .ledger
-                    .end_early(o.household, o.event, o.appliance, at, o.status);
+        let applied = rt.lock().apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w);
+        match applied {
+            runtime::Applied::Unknown => return None,
+            runtime::Applied::Ignored => {}
+            runtime::Applied::Status => self.inner.ledger.set_status(o.household, o.event, o.appliance, o.status),
+            runtime::Applied::EndEarly(at) => {
+                self.inner.ledger.end_early(o.household, o.event, o.appliance, at, o.status);
             }
-            None => self
-                .inner
-                .ledger
-                .set_status(o.household, o.event, o.appliance, o.status),
         }
         Some(rt)
     }
@@ -344,8 +323,7 @@ impl Engine {
     /// Enrols or updates appliances (already validated): durable first, then live.
     pub async fn enrol(&self, appliances: Vec<Appliance>) -> Result<(u64, u64), EngineError> {
         let store = Arc::clone(&self.inner.store);
-        let appliances =
-            blocking(move || store.put_appliances(&appliances).map(|()| appliances)).await??;
+        let appliances = blocking(move || store.put_appliances(&appliances).map(|()| appliances)).await??;
         for a in &appliances {
             self.inner.ledger.ensure_household(a.household);
         }
@@ -359,28 +337,19 @@ impl Engine {
         if self.inner.ledger.contains(household) {
             Ok(())
         } else {
-            Err(EngineError::NotFound(format!(
-                "household_id: household {household} is not enrolled"
-            )))
+            Err(EngineError::NotFound(format!("household_id: household {household} is not enrolled")))
         }
     }
 
     /// Sets a household's own limits (validated); returns the effective ones.
-    pub async fn set_limits(
-        &self,
-        household: HouseholdId,
-        limits: Limits,
-    ) -> Result<Limits, EngineError> {
+    pub async fn set_limits(&self, household: HouseholdId, limits: Limits) -> Result<Limits, EngineError> {
         self.known_household(household)?;
         validate::limits(&limits, "limits")?;
         let store = Arc::clone(&self.inner.store);
         let l = limits.clone();
         blocking(move || store.put_limits(household, &l)).await??;
         self.inner.ledger.set_limits(household, limits);
-        self.inner
-            .ledger
-            .effective_limits(household)
-            .ok_or_else(|| EngineError::Internal("limits vanished".into()))
+        self.inner.ledger.effective_limits(household).ok_or_else(|| EngineError::Internal("limits vanished".into()))
     }
 
     /// (own, effective) limits.
@@ -388,18 +357,11 @@ impl Engine {
         self.known_household(household)?;
         let own = self.inner.ledger.own_limits(household);
         let eff = self.inner.ledger.effective_limits(household);
-        own.zip(eff).ok_or_else(|| {
-            EngineError::NotFound(format!(
-                "household_id: household {household} is not enrolled"
-            ))
-        })
+        own.zip(eff)
+            .ok_or_else(|| EngineError::NotFound(format!("household_id: household {household} is not enrolled")))
     }
 
-    fn validate_submit(
-        &self,
-        req: &SubmitRequest,
-        grant: &Grant,
-    ) -> Result<StressEventSpec, EngineError> {
+    fn validate_submit(&self, req: &SubmitRequest, grant: &Grant) -> Result<StressEventSpec, EngineError> {
         let input = StressEventInput {
             regions: &req.regions,
             start_unix_ms: req.start_unix_ms,
@@ -428,20 +390,10 @@ impl Engine {
     }
 
     /// Accepts, records, plans, reserves, signs and queues a stress event.
-    pub async fn submit(
-        &self,
-        req: SubmitRequest,
-        grant: &Grant,
-    ) -> Result<(EventId, PlanSummary), EngineError> {
+    pub async fn submit(&self, req: SubmitRequest, grant: &Grant) -> Result<(EventId, PlanSummary), EngineError> {
         let received = std::time::Instant::now();
         let spec = self.validate_submit(&req, grant)?;
-        let lock = Arc::clone(
-            &self
-                .inner
-                .key_locks
-                .entry(spec.idempotency_key.clone())
-                .or_default(),
-        );
+        let lock = Arc::clone(&self.inner.key_locks.entry(spec.idempotency_key.clone()).or_default());
         let _held = lock.lock().await;
         let store = Arc::clone(&self.inner.store);
         let key = spec.idempotency_key.clone();
@@ -460,19 +412,11 @@ impl Engine {
             }
             return Ok((id, st.record.plan.clone()));
         }
-        self.inner
-            .headend
-            .admit(0)
-            .map_err(|e| EngineError::ResourceExhausted(e.to_string()))?;
+        self.inner.headend.admit(0).map_err(|e| EngineError::ResourceExhausted(e.to_string()))?;
         let id = EventId(self.inner.next_event_id.fetch_add(1, Ordering::SeqCst));
         let now = self.now_unix_ms();
-        let mut record = EventRecord {
-            id,
-            spec,
-            state: EventState::Scheduled,
-            plan: PlanSummary::default(),
-            accepted_unix_ms: now,
-        };
+        let mut record =
+            EventRecord { id, spec, state: EventState::Scheduled, plan: PlanSummary::default(), accepted_unix_ms: now };
         record.plan.start_unix_ms = record.spec.start_unix_ms;
         record.plan.target_w = record.spec.target_w.clone();
         self.put_event(record.clone()).await?;
@@ -482,13 +426,7 @@ impl Engine {
 
         let target = record.spec.target_w.clone();
         let plan = self
-            .dispatch(
-                &rt,
-                &record.spec.regions,
-                record.spec.start_unix_ms,
-                target,
-                record.spec.deferral_min_max,
-            )
+            .dispatch(&rt, &record.spec.regions, record.spec.start_unix_ms, target, record.spec.deferral_min_max)
             .await?;
         metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
         Ok((id, plan))
@@ -529,16 +467,11 @@ impl Engine {
             return Err(EngineError::ResourceExhausted(e.to_string()));
         }
         let store = Arc::clone(&self.inner.store);
-        let dispatch = Dispatch {
-            reservations: picked.reservations,
-            commands: picked.commands,
-        };
+        let dispatch = Dispatch { reservations: picked.reservations, commands: picked.commands };
         let hwm = picked.counter_hwm;
         let persisted = blocking(move || {
             let seq = store.next_dispatch_seq(event)?;
-            store
-                .put_dispatch(event, seq, &dispatch, hwm)
-                .map(|()| dispatch)
+            store.put_dispatch(event, seq, &dispatch, hwm).map(|()| dispatch)
         })
         .await?;
         let dispatch = match persisted {
@@ -573,17 +506,14 @@ impl Engine {
         self.put_event(record).await?;
         let now = self.now_unix_ms();
         self.inner.headend.enqueue(&dispatch.commands, now);
-        metrics::counter!("halftime_commands_signed_total")
-            .increment(dispatch.commands.len() as u64);
+        metrics::counter!("halftime_commands_signed_total").increment(dispatch.commands.len() as u64);
         rt.publish();
         Ok(summary)
     }
 
     fn unreserve(&self, reservations: &[halftime_core::Reservation]) {
         for r in reservations {
-            self.inner
-                .ledger
-                .unreserve(r.household, r.event, r.appliance);
+            self.inner.ledger.unreserve(r.household, r.event, r.appliance);
         }
     }
 
@@ -615,10 +545,7 @@ impl Engine {
         let (spec, expected) = {
             let st = rt.lock();
             if st.record.state == EventState::Cancelled {
-                return Err(EngineError::Invalid(FieldError::new(
-                    "event_id",
-                    "event is cancelled",
-                )));
+                return Err(EngineError::Invalid(FieldError::new("event_id", "event is cancelled")));
             }
             (st.record.spec.clone(), st.record.plan.expected_w.clone())
         };
@@ -626,13 +553,7 @@ impl Engine {
         let residual: Vec<f64> = new_target
             .iter()
             .enumerate()
-            .map(|(t, &w)| {
-                if t < current_slot {
-                    0.0
-                } else {
-                    (w - expected.get(t).copied().unwrap_or(0.0)).max(0.0)
-                }
-            })
+            .map(|(t, &w)| if t < current_slot { 0.0 } else { (w - expected.get(t).copied().unwrap_or(0.0)).max(0.0) })
             .collect();
         {
             let mut st = rt.lock();
@@ -640,20 +561,12 @@ impl Engine {
             st.record.plan.target_w = new_target.clone();
             let n = new_target.len();
             st.record.plan.expected_w.resize(n, 0.0);
-            st.record.plan.shortfall_w = (0..n)
-                .map(|t| (new_target[t] - st.record.plan.expected_w[t]).max(0.0))
-                .collect();
+            st.record.plan.shortfall_w =
+                (0..n).map(|t| (new_target[t] - st.record.plan.expected_w[t]).max(0.0)).collect();
             st.dirty = true;
         }
         if residual.iter().any(|&w| w > 1.0) {
-            self.dispatch(
-                &rt,
-                &spec.regions,
-                spec.start_unix_ms,
-                residual,
-                spec.deferral_min_max,
-            )
-            .await?;
+            self.dispatch(&rt, &spec.regions, spec.start_unix_ms, residual, spec.deferral_min_max).await?;
         }
         self.release_excess(&rt, &new_target, now).await?;
         let record = rt.lock().record.clone();
@@ -663,12 +576,7 @@ impl Engine {
     }
 
     /// Releases the most-burdened devices whose deferral is not needed to hold the target.
-    async fn release_excess(
-        &self,
-        rt: &Arc<EventRuntime>,
-        target_w: &[f64],
-        now: i64,
-    ) -> Result<(), EngineError> {
+    async fn release_excess(&self, rt: &Arc<EventRuntime>, target_w: &[f64], now: i64) -> Result<(), EngineError> {
         let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
             let mut st = rt.lock();
             let start = st.record.spec.start_unix_ms;
@@ -677,23 +585,13 @@ impl Engine {
                 .devices
                 .values()
                 .filter(|t| !t.status.is_final() && t.command.latest_end_unix_ms() > now)
-                .map(|t| {
-                    (
-                        self.inner.ledger.burden_kw_min(t.household, now),
-                        t.command.device,
-                    )
-                })
+                .map(|t| (self.inner.ledger.burden_kw_min(t.household, now), t.command.device))
                 .collect();
             candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut out = Vec::new();
             for (_, device) in candidates {
                 let t = &st.devices[&device];
-                let per_w = self
-                    .inner
-                    .registry
-                    .get(device)
-                    .map(|a| a.expected_reduction_w())
-                    .unwrap_or(0.0);
+                let per_w = self.inner.registry.get(device).map(|a| a.expected_reduction_w()).unwrap_or(0.0);
                 let mut contrib = vec![0.0; expected.len()];
                 add_interval(
                     &mut contrib,
@@ -702,11 +600,7 @@ impl Engine {
                     t.command.latest_end_unix_ms(),
                     per_w,
                 );
-                let fits = expected
-                    .iter()
-                    .zip(&contrib)
-                    .zip(target_w)
-                    .all(|((e, c), tw)| c == &0.0 || e - c >= *tw);
+                let fits = expected.iter().zip(&contrib).zip(target_w).all(|((e, c), tw)| c == &0.0 || e - c >= *tw);
                 if fits && contrib.iter().any(|c| *c > 0.0) {
                     for (e, c) in expected.iter_mut().zip(&contrib) {
                         *e -= c;
@@ -716,13 +610,11 @@ impl Engine {
             }
             st.record.plan.expected_w = expected;
             let n = target_w.len();
-            st.record.plan.shortfall_w = (0..n)
-                .map(|i| (target_w[i] - st.record.plan.expected_w[i]).max(0.0))
-                .collect();
+            st.record.plan.shortfall_w =
+                (0..n).map(|i| (target_w[i] - st.record.plan.expected_w[i]).max(0.0)).collect();
             out
         };
-        self.send_releases(rt, releases, DeviceStatus::Released)
-            .await?;
+        self.send_releases(rt, releases, DeviceStatus::Released).await?;
         Ok(())
     }
 
@@ -757,10 +649,7 @@ impl Engine {
             .collect();
         let event = rt.lock().record.id;
         let store = Arc::clone(&self.inner.store);
-        let d = Dispatch {
-            reservations: Vec::new(),
-            commands,
-        };
+        let d = Dispatch { reservations: Vec::new(), commands };
         let outcomes: Vec<Outcome> = releases
             .iter()
             .map(|(h, c, at)| Outcome {
@@ -793,12 +682,8 @@ impl Engine {
         if release_over_min > 30 {
             return Err(FieldError::new("release_over_min", "must be 0..=30 minutes").into());
         }
-        let steps = if release_over_min == 0 {
-            self.inner.config.release_over_min_default
-        } else {
-            release_over_min
-        }
-        .max(1);
+        let steps =
+            if release_over_min == 0 { self.inner.config.release_over_min_default } else { release_over_min }.max(1);
         let rt = self.runtime(event)?;
         let now = self.now_unix_ms();
         let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
@@ -818,17 +703,14 @@ impl Engine {
             live.into_iter()
                 .enumerate()
                 .map(|(i, (h, c))| {
-                    let at =
-                        (now + (i as i64 % i64::from(steps)) * MS_PER_MIN).min(c.not_after_unix_ms);
+                    let at = (now + (i as i64 % i64::from(steps)) * MS_PER_MIN).min(c.not_after_unix_ms);
                     (h, c, at.max(now))
                 })
                 .collect()
         };
         let record = rt.lock().record.clone();
         self.put_event(record).await?;
-        let n = self
-            .send_releases(&rt, releases, DeviceStatus::Released)
-            .await?;
+        let n = self.send_releases(&rt, releases, DeviceStatus::Released).await?;
         metrics::counter!("halftime_events_cancelled_total").increment(1);
         Ok(n)
     }
@@ -843,24 +725,14 @@ impl Engine {
 
     /// Events, newest first.
     pub fn list_events(&self, limit: usize) -> Vec<EventRecord> {
-        let mut v: Vec<EventRecord> = self
-            .inner
-            .events
-            .iter()
-            .map(|e| e.lock().record.clone())
-            .collect();
+        let mut v: Vec<EventRecord> = self.inner.events.iter().map(|e| e.lock().record.clone()).collect();
         v.sort_by_key(|r| std::cmp::Reverse(r.id));
         v.truncate(limit);
         v
     }
 
     /// Expected reduction that could be held over `horizon_min` in a region, within every household's limits.
-    pub fn flexibility(
-        &self,
-        region: RegionId,
-        horizon_min: u32,
-        deferral_min_max: u32,
-    ) -> Flexibility {
+    pub fn flexibility(&self, region: RegionId, horizon_min: u32, deferral_min_max: u32) -> Flexibility {
         let now = self.now_unix_ms();
         let mut by_class = [(0.0f64, 0u64); halftime_core::appliance::N_CLASSES];
         let mut standing = std::collections::HashMap::new();
@@ -870,10 +742,7 @@ impl Engine {
                 .entry(a.household)
                 .or_insert_with(|| self.inner.ledger.standing(a.household, probe, now, now));
             let Some(s) = s else { return };
-            let budget = s
-                .budget_min
-                .min(u32::from(a.deferral_min_max))
-                .min(deferral_min_max);
+            let budget = s.budget_min.min(u32::from(a.deferral_min_max)).min(deferral_min_max);
             if budget < halftime_planner::DEFERRAL_MIN_MIN {
                 return;
             }
@@ -886,10 +755,7 @@ impl Engine {
         Flexibility {
             deferrable_w: by_class.iter().map(|c| c.0).sum(),
             n_appliances_eligible: by_class.iter().map(|c| c.1).sum(),
-            by_class: ApplianceClass::ALL
-                .iter()
-                .map(|c| (*c, by_class[c.index()].0, by_class[c.index()].1))
-                .collect(),
+            by_class: ApplianceClass::ALL.iter().map(|c| (*c, by_class[c.index()].0, by_class[c.index()].1)).collect(),
         }
     }
 
@@ -909,14 +775,9 @@ impl Engine {
             )));
         }
         let now = self.now_unix_ms();
-        let mut by_event: std::collections::HashMap<
-            EventId,
-            Vec<(HouseholdId, DeferralCommand, i64)>,
-        > = Default::default();
-        for a in mine
-            .iter()
-            .filter(|m| appliance.is_none_or(|id| id == m.id))
-        {
+        let mut by_event: std::collections::HashMap<EventId, Vec<(HouseholdId, DeferralCommand, i64)>> =
+            Default::default();
+        for a in mine.iter().filter(|m| appliance.is_none_or(|id| id == m.id)) {
             for c in self.inner.headend.active_for(a.id, now) {
                 if c.command.kind == CommandKind::Defer && c.command.latest_end_unix_ms() > now {
                     let final_already = self
@@ -926,10 +787,7 @@ impl Engine {
                         .and_then(|rt| rt.lock().devices.get(&a.id).map(|t| t.status.is_final()))
                         .unwrap_or(true);
                     if !final_already {
-                        by_event
-                            .entry(c.command.event)
-                            .or_default()
-                            .push((household, c.command, now));
+                        by_event.entry(c.command.event).or_default().push((household, c.command, now));
                     }
                 }
             }
@@ -937,20 +795,14 @@ impl Engine {
         let mut n = 0;
         for (event, list) in by_event {
             let rt = self.runtime(event)?;
-            n += self
-                .send_releases(&rt, list, DeviceStatus::Overridden)
-                .await?;
+            n += self.send_releases(&rt, list, DeviceStatus::Overridden).await?;
         }
         metrics::counter!("halftime_household_overrides_total").increment(n);
         Ok(n)
     }
 
     /// A household's own deferrals, newest first, and its burden.
-    pub fn history(
-        &self,
-        household: HouseholdId,
-        limit: usize,
-    ) -> Result<(Vec<HistoryEntry>, f64), EngineError> {
+    pub fn history(&self, household: HouseholdId, limit: usize) -> Result<(Vec<HistoryEntry>, f64), EngineError> {
         self.known_household(household)?;
         let mut entries: Vec<HistoryEntry> = self
             .inner
@@ -969,12 +821,7 @@ impl Engine {
             .collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.not_before_unix_ms));
         entries.truncate(limit);
-        Ok((
-            entries,
-            self.inner
-                .ledger
-                .burden_kw_min(household, self.now_unix_ms()),
-        ))
+        Ok((entries, self.inner.ledger.burden_kw_min(household, self.now_unix_ms())))
     }
 
     /// Attaches a device link. Every device must be enrolled.
@@ -982,14 +829,8 @@ impl Engine {
         if devices.is_empty() || devices.len() > 100_000 {
             return Err(FieldError::new("hello.device_ids", "need 1..=100000 devices").into());
         }
-        if let Some((i, d)) = devices
-            .iter()
-            .enumerate()
-            .find(|(_, d)| self.inner.registry.get(**d).is_none())
-        {
-            return Err(EngineError::NotFound(format!(
-                "hello.device_ids[{i}]: device {d} is not enrolled"
-            )));
+        if let Some((i, d)) = devices.iter().enumerate().find(|(_, d)| self.inner.registry.get(**d).is_none()) {
+            return Err(EngineError::NotFound(format!("hello.device_ids[{i}]: device {d} is not enrolled")));
         }
         Ok(self.inner.headend.attach(devices, self.now_unix_ms()))
     }
@@ -1001,9 +842,7 @@ impl Engine {
     /// Commands still active for a device.
     pub fn resync(&self, device: ApplianceId) -> Result<Vec<SignedCommand>, EngineError> {
         if self.inner.registry.get(device).is_none() {
-            return Err(EngineError::NotFound(format!(
-                "device_id: device {device} is not enrolled"
-            )));
+            return Err(EngineError::NotFound(format!("device_id: device {device} is not enrolled")));
         }
         Ok(self.inner.headend.active_for(device, self.now_unix_ms()))
     }
@@ -1045,13 +884,36 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes every queued outcome and stops the background writer, so that the store is released when the
-    /// last clone of the engine is dropped. Calls after this that report outcomes fail.
+    /// Tells long-lived tasks (device links) to finish, writes every queued outcome and stops the background
+    /// writer, so that the store is released when the last clone of the engine is dropped. Calls after this
+    /// that report outcomes fail.
     pub async fn shutdown(&self) {
+        self.inner.stopping.send_replace(true);
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.inner.outcomes.send(WriterMsg::Stop(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Resolves once [`Self::shutdown`] has been called.
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Shuts down and waits until this is the last handle on the engine, then drops it, closing the store.
+    /// Gives up waiting after `grace` (the store then closes when the last handle goes).
+    pub async fn close(self, grace: Duration) -> bool {
+        self.shutdown().await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while Arc::strong_count(&self.inner) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(handles = Arc::strong_count(&self.inner), "engine still in use at close");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Runs one closed-loop tick now (the background task does this every `tick_interval_ms`).
@@ -1080,17 +942,13 @@ fn merge_evaluation(plan: &mut PlanSummary, e: &halftime_planner::Evaluation) {
     for (x, y) in plan.rebound_w.iter_mut().zip(&e.rebound_w) {
         *x += y;
     }
-    plan.shortfall_w = (0..n)
-        .map(|t| (plan.target_w[t] - plan.expected_w[t]).max(0.0))
-        .collect();
+    plan.shortfall_w = (0..n).map(|t| (plan.target_w[t] - plan.expected_w[t]).max(0.0)).collect();
 }
 
 fn tick(inner: &Arc<Inner>) {
     let now = inner.clock.now_unix_ms();
     let (expired, _) = inner.headend.tick(now);
-    let engine = Engine {
-        inner: Arc::clone(inner),
-    };
+    let engine = Engine { inner: Arc::clone(inner) };
     for c in expired {
         if c.command.kind != CommandKind::Defer {
             continue;

@@ -23,12 +23,7 @@ pub const N_APPLIANCES_MAX: usize = u32::MAX as usize / 2;
 
 impl Registry {
     pub fn new(n_regions: usize) -> Self {
-        Self {
-            data: RwLock::new(Data {
-                by_region: vec![Vec::new(); n_regions],
-                ..Data::default()
-            }),
-        }
+        Self { data: RwLock::new(Data { by_region: vec![Vec::new(); n_regions], ..Data::default() }) }
     }
 
     /// Inserts or updates appliances; returns (new, updated). The caller has validated regions.
@@ -81,17 +76,11 @@ impl Registry {
 
     pub fn contains_household(&self, household: HouseholdId) -> bool {
         let d = self.data.read().unwrap_or_else(|e| e.into_inner());
-        d.by_household
-            .get(&household)
-            .is_some_and(|v| !v.is_empty())
+        d.by_household.get(&household).is_some_and(|v| !v.is_empty())
     }
 
     pub fn len(&self) -> usize {
-        self.data
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .appliances
-            .len()
+        self.data.read().unwrap_or_else(|e| e.into_inner()).appliances.len()
     }
 
     pub fn is_empty(&self) -> bool {

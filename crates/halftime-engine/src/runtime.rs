@@ -2,9 +2,7 @@
 //! and the delivered reduction, recomputed from device reports.
 
 use halftime_core::time::{MS_PER_MIN, slot_of};
-use halftime_core::{
-    ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId,
-};
+use halftime_core::{ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::watch;
@@ -25,13 +23,25 @@ impl DeviceTrack {
     /// The interval over which this device shed load, if it started.
     fn shed_interval(&self) -> Option<(i64, i64)> {
         let start = self.started_unix_ms?;
-        let mut end =
-            (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
+        let mut end = (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
         if let Some(e) = self.ended_unix_ms {
             end = end.min(e);
         }
         (end > start).then_some((start, end))
     }
+}
+
+/// What a status change means for the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// No such device in this event.
+    Unknown,
+    /// Nothing changes.
+    Ignored,
+    /// Record the new status.
+    Status,
+    /// End the reservation early at this time, with the new status.
+    EndEarly(i64),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -74,10 +84,7 @@ impl EventRuntime {
             closed: false,
         };
         let progress = state.progress();
-        Self {
-            state: Mutex::new(state),
-            watch: watch::channel(progress).0,
-        }
+        Self { state: Mutex::new(state), watch: watch::channel(progress).0 }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, RuntimeState> {
@@ -115,28 +122,20 @@ impl RuntimeState {
         self.dirty = true;
     }
 
-    /// Applies a status change for a device of this event. Returns whether the ledger should end the
-    /// reservation early, and when.
-    pub fn apply(
-        &mut self,
-        device: ApplianceId,
-        status: DeviceStatus,
-        at_unix_ms: i64,
-        reduction_w: u32,
-    ) -> Option<i64> {
-        let track = self.devices.get_mut(&device)?;
+    /// Applies a status change for a device of this event, and says what the ledger should do about it.
+    pub fn apply(&mut self, device: ApplianceId, status: DeviceStatus, at_unix_ms: i64, reduction_w: u32) -> Applied {
+        let Some(track) = self.devices.get_mut(&device) else { return Applied::Unknown };
         let c = &mut self.counts;
-        let at = at_unix_ms.clamp(
-            track.command.not_before_unix_ms,
-            track.command.not_after_unix_ms,
-        );
+        let at = at_unix_ms.clamp(track.command.not_before_unix_ms, track.command.not_after_unix_ms);
         let mut end_early = None;
         if status != DeviceStatus::Expired && !track.acked {
             track.acked = true;
             c.acknowledged += 1;
         }
         if track.status.is_final() {
-            return None;
+            // A late report about a command already settled (the device's own report of an engine release,
+            // a retry): acknowledged, nothing else changes.
+            return Applied::Ignored;
         }
         match status {
             DeviceStatus::Dispatched | DeviceStatus::Received => {}
@@ -164,7 +163,7 @@ impl RuntimeState {
             }
             DeviceStatus::Expired => {
                 if track.acked {
-                    return None;
+                    return Applied::Ignored;
                 }
                 c.expired += 1;
             }
@@ -173,7 +172,10 @@ impl RuntimeState {
             track.status = status;
         }
         self.dirty = true;
-        end_early
+        match end_early {
+            Some(at) => Applied::EndEarly(at),
+            None => Applied::Status,
+        }
     }
 
     fn delivered_w(&self) -> Vec<f64> {
@@ -213,17 +215,13 @@ impl RuntimeState {
     /// Moves the event through its states; returns whether anything changed.
     pub fn advance(&mut self, now_unix_ms: i64) -> bool {
         let before = (self.record.state, self.closed);
-        if self.record.state == EventState::Scheduled
-            && now_unix_ms >= self.record.spec.start_unix_ms
-        {
+        if self.record.state == EventState::Scheduled && now_unix_ms >= self.record.spec.start_unix_ms {
             self.record.state = EventState::Active;
         }
-        if self.record.state == EventState::Active && now_unix_ms >= self.record.spec.end_unix_ms()
-        {
+        if self.record.state == EventState::Active && now_unix_ms >= self.record.spec.end_unix_ms() {
             self.record.state = EventState::Completed;
         }
-        if now_unix_ms >= self.last_not_after_unix_ms && self.record.state != EventState::Scheduled
-        {
+        if now_unix_ms >= self.last_not_after_unix_ms && self.record.state != EventState::Scheduled {
             self.closed = true;
         }
         let changed = before != (self.record.state, self.closed);

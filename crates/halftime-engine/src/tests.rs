@@ -17,13 +17,25 @@ impl Clock for TestClock {
 const T0: i64 = 20_000 * MS_PER_DAY + 17 * 3_600_000;
 
 fn limits_strategy() -> impl Strategy<Value = Limits> {
-    (0u32..4, 0u32..120, 0u32..60, 0u32..120, proptest::bool::weighted(0.1), proptest::bool::weighted(0.1), proptest::bool::weighted(0.2))
+    (
+        0u32..4,
+        0u32..120,
+        0u32..60,
+        0u32..120,
+        proptest::bool::weighted(0.1),
+        proptest::bool::weighted(0.1),
+        proptest::bool::weighted(0.2),
+    )
         .prop_map(|(events, minutes, longest, rest, never, paused, quiet)| Limits {
             events_per_day_max: events,
             deferred_min_per_day_max: minutes,
             deferral_min_max: longest,
             rest_min_min: rest,
-            quiet_windows: if quiet { vec![halftime_core::QuietWindow { start_min: 17 * 60 + 10, end_min: 17 * 60 + 40 }] } else { vec![] },
+            quiet_windows: if quiet {
+                vec![halftime_core::QuietWindow { start_min: 17 * 60 + 10, end_min: 17 * 60 + 40 }]
+            } else {
+                vec![]
+            },
             never,
             paused,
         })
@@ -33,7 +45,13 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
-fn submit_request(key: &str, regions: &[&str], start_unix_ms: i64, target_kw: Vec<f64>, deferral_min_max: u32) -> SubmitRequest {
+fn submit_request(
+    key: &str,
+    regions: &[&str],
+    start_unix_ms: i64,
+    target_kw: Vec<f64>,
+    deferral_min_max: u32,
+) -> SubmitRequest {
     SubmitRequest {
         regions: regions.iter().map(|r| r.to_string()).collect(),
         start_unix_ms,
@@ -46,7 +64,9 @@ fn submit_request(key: &str, regions: &[&str], start_unix_ms: i64, target_kw: Ve
 }
 
 async fn open(dir: &Path, clock: Arc<TestClock>) -> Engine {
-    Engine::open(EngineConfig { tick_interval_ms: 10, ..EngineConfig::default() }, dir, clock).await.expect("engine opens")
+    Engine::open(EngineConfig { tick_interval_ms: 10, ..EngineConfig::default() }, dir, clock)
+        .await
+        .expect("engine opens")
 }
 
 proptest! {

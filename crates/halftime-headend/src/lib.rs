@@ -32,11 +32,7 @@ pub struct HeadEndConfig {
 
 impl Default for HeadEndConfig {
     fn default() -> Self {
-        Self {
-            link_queue_batches: 256,
-            retry_interval_ms: 5_000,
-            outstanding_max: 20_000_000,
-        }
+        Self { link_queue_batches: 256, retry_interval_ms: 5_000, outstanding_max: 20_000_000 }
     }
 }
 
@@ -47,14 +43,8 @@ pub type LinkReceiver = mpsc::Receiver<Vec<SignedCommand>>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeadEndError {
-    #[error(
-        "head-end full: {outstanding} commands outstanding, {requested} more would pass the limit of {max}"
-    )]
-    Full {
-        outstanding: usize,
-        requested: usize,
-        max: usize,
-    },
+    #[error("head-end full: {outstanding} commands outstanding, {requested} more would pass the limit of {max}")]
+    Full { outstanding: usize, requested: usize, max: usize },
 }
 
 struct Unacked {
@@ -80,9 +70,7 @@ pub struct HeadEnd {
 
 impl std::fmt::Debug for HeadEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeadEnd")
-            .field("links", &self.links.len())
-            .finish_non_exhaustive()
+        f.debug_struct("HeadEnd").field("links", &self.links.len()).finish_non_exhaustive()
     }
 }
 
@@ -112,11 +100,7 @@ impl HeadEnd {
     pub fn admit(&self, n: usize) -> Result<(), HeadEndError> {
         let outstanding = self.n_unacked();
         if outstanding.saturating_add(n) > self.config.outstanding_max {
-            return Err(HeadEndError::Full {
-                outstanding,
-                requested: n,
-                max: self.config.outstanding_max,
-            });
+            return Err(HeadEndError::Full { outstanding, requested: n, max: self.config.outstanding_max });
         }
         Ok(())
     }
@@ -131,10 +115,7 @@ impl HeadEnd {
         for &d in devices {
             self.routes.insert(d, id);
             if let Some(mut list) = self.unacked.get_mut(&d) {
-                for u in list
-                    .iter_mut()
-                    .filter(|u| u.command.command.not_after_unix_ms > now_unix_ms)
-                {
+                for u in list.iter_mut().filter(|u| u.command.command.not_after_unix_ms > now_unix_ms) {
                     u.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
                     pending.push(u.command);
                 }
@@ -157,10 +138,10 @@ impl HeadEnd {
         let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
         for c in commands {
             let device = c.command.device;
-            self.unacked.entry(device).or_default().push(Unacked {
-                command: *c,
-                next_retry_unix_ms: now_unix_ms + self.config.retry_interval_ms,
-            });
+            self.unacked
+                .entry(device)
+                .or_default()
+                .push(Unacked { command: *c, next_retry_unix_ms: now_unix_ms + self.config.retry_interval_ms });
             let mut active = self.active.entry(device).or_default();
             active.retain(|a| a.command.not_after_unix_ms > now_unix_ms);
             active.push(*c);
@@ -173,8 +154,7 @@ impl HeadEnd {
         for (link, cmds) in by_link {
             deferred += self.send_to_link(link, cmds);
         }
-        metrics::counter!("halftime_headend_commands_enqueued_total")
-            .increment(commands.len() as u64);
+        metrics::counter!("halftime_headend_commands_enqueued_total").increment(commands.len() as u64);
         deferred
     }
 
@@ -250,21 +230,13 @@ impl HeadEnd {
     pub fn active_for(&self, device: ApplianceId, now_unix_ms: i64) -> Vec<SignedCommand> {
         self.active
             .get(&device)
-            .map(|l| {
-                l.iter()
-                    .filter(|c| c.command.not_after_unix_ms > now_unix_ms)
-                    .copied()
-                    .collect()
-            })
+            .map(|l| l.iter().filter(|c| c.command.not_after_unix_ms > now_unix_ms).copied().collect())
             .unwrap_or_default()
     }
 
     /// Remembers a command for resync without sending it (recovery after a restart).
     pub fn restore_active(&self, command: SignedCommand) {
-        self.active
-            .entry(command.command.device)
-            .or_default()
-            .push(command);
+        self.active.entry(command.command.device).or_default().push(command);
     }
 }
 
@@ -292,11 +264,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_acks_retries_and_expires() {
-        let he = HeadEnd::new(HeadEndConfig {
-            link_queue_batches: 4,
-            retry_interval_ms: 1_000,
-            outstanding_max: 100,
-        });
+        let he = HeadEnd::new(HeadEndConfig { link_queue_batches: 4, retry_interval_ms: 1_000, outstanding_max: 100 });
         // Device 2 is offline when the command is queued and gets it on attach.
         let (_l1, mut rx1) = he.attach(&[ApplianceId(1)], 0);
         he.enqueue(&[cmd(1, 10, 60_000), cmd(2, 11, 60_000)], 0);
@@ -321,11 +289,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_link_does_not_stall_another() {
-        let he = HeadEnd::new(HeadEndConfig {
-            link_queue_batches: 1,
-            retry_interval_ms: 1_000,
-            outstanding_max: 1_000_000,
-        });
+        let he =
+            HeadEnd::new(HeadEndConfig { link_queue_batches: 1, retry_interval_ms: 1_000, outstanding_max: 1_000_000 });
         let (_slow, _slow_rx) = he.attach(&[ApplianceId(1)], 0);
         let (_fast, mut fast_rx) = he.attach(&[ApplianceId(2)], 0);
         // The slow link never reads; its queue of one batch fills and the rest is deferred.
@@ -333,11 +298,7 @@ mod tests {
         for i in 0..5 {
             deferred += he.enqueue(&[cmd(1, 100 + i, 60_000), cmd(2, 200 + i, 60_000)], 0);
         }
-        assert_eq!(
-            deferred,
-            4 + 4,
-            "the slow link and the fast one (whose queue is 1) both defer"
-        );
+        assert_eq!(deferred, 4 + 4, "the slow link and the fast one (whose queue is 1) both defer");
         let got = fast_rx.recv().await.unwrap();
         assert_eq!(got[0].command.counter, 200);
         he.ack(ApplianceId(2), 200);

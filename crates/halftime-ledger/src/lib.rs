@@ -8,9 +8,7 @@
 use dashmap::DashMap;
 use halftime_core::limits::check_reservation;
 use halftime_core::time::MS_PER_DAY;
-use halftime_core::{
-    ApplianceId, DeviceStatus, EventId, HouseholdId, Limits, Reservation, ReservationCheck,
-};
+use halftime_core::{ApplianceId, DeviceStatus, EventId, HouseholdId, Limits, Reservation, ReservationCheck};
 
 /// Most reservations one household may hold inside the retention window; a bound on per-household work.
 pub const N_RESERVATIONS_PER_HOUSEHOLD_MAX: usize = 512;
@@ -89,9 +87,7 @@ impl Ledger {
 
     /// The household's own limits (the system caps if it set none).
     pub fn own_limits(&self, household: HouseholdId) -> Option<Limits> {
-        self.books
-            .get(&household)
-            .map(|b| b.own.clone().unwrap_or_else(|| self.system_caps.clone()))
+        self.books.get(&household).map(|b| b.own.clone().unwrap_or_else(|| self.system_caps.clone()))
     }
 
     pub fn effective_limits(&self, household: HouseholdId) -> Option<Limits> {
@@ -112,65 +108,43 @@ impl Ledger {
         appliance_deferral_min_max: u32,
         now_unix_ms: i64,
     ) -> Result<(), ReserveError> {
-        let mut book = self
-            .books
-            .get_mut(&reservation.household)
-            .ok_or(ReserveError::UnknownHousehold)?;
+        let mut book = self.books.get_mut(&reservation.household).ok_or(ReserveError::UnknownHousehold)?;
         let horizon = now_unix_ms - self.retention_ms;
-        book.entries
-            .retain(|e| e.reservation.not_after_unix_ms >= horizon);
+        book.entries.retain(|e| e.reservation.not_after_unix_ms >= horizon);
         if book.entries.len() >= N_RESERVATIONS_PER_HOUSEHOLD_MAX {
             return Err(ReserveError::Full);
         }
         let limits = self.effective(&book);
         let existing: Vec<Reservation> = book.entries.iter().map(|e| e.reservation).collect();
         check_reservation(&limits, appliance_deferral_min_max, &existing, &reservation)?;
-        book.entries.push(Entry {
-            reservation,
-            status: DeviceStatus::Dispatched,
-        });
+        book.entries.push(Entry { reservation, status: DeviceStatus::Dispatched });
         Ok(())
     }
 
     /// Restores a reservation from the store (already checked when it was made).
     pub fn restore(&self, reservation: Reservation, status: DeviceStatus) {
         let mut book = self.books.entry(reservation.household).or_default();
-        if let Some(e) = book
-            .entries
-            .iter_mut()
-            .find(|e| same(&e.reservation, reservation.event, reservation.appliance))
+        if let Some(e) =
+            book.entries.iter_mut().find(|e| same(&e.reservation, reservation.event, reservation.appliance))
         {
             e.reservation = reservation;
             e.status = status;
         } else {
-            book.entries.push(Entry {
-                reservation,
-                status,
-            });
+            book.entries.push(Entry { reservation, status });
         }
     }
 
     /// Undoes a reservation that was never sent (the store refused the batch).
     pub fn unreserve(&self, household: HouseholdId, event: EventId, appliance: ApplianceId) {
         if let Some(mut book) = self.books.get_mut(&household) {
-            book.entries
-                .retain(|e| !same(&e.reservation, event, appliance));
+            book.entries.retain(|e| !same(&e.reservation, event, appliance));
         }
     }
 
     /// Records a device's status for a reservation.
-    pub fn set_status(
-        &self,
-        household: HouseholdId,
-        event: EventId,
-        appliance: ApplianceId,
-        status: DeviceStatus,
-    ) {
+    pub fn set_status(&self, household: HouseholdId, event: EventId, appliance: ApplianceId, status: DeviceStatus) {
         if let Some(mut book) = self.books.get_mut(&household)
-            && let Some(e) = book
-                .entries
-                .iter_mut()
-                .find(|e| same(&e.reservation, event, appliance))
+            && let Some(e) = book.entries.iter_mut().find(|e| same(&e.reservation, event, appliance))
         {
             e.status = status;
         }
@@ -187,10 +161,7 @@ impl Ledger {
         status: DeviceStatus,
     ) -> Option<Reservation> {
         let mut book = self.books.get_mut(&household)?;
-        let i = book
-            .entries
-            .iter()
-            .position(|e| same(&e.reservation, event, appliance))?;
+        let i = book.entries.iter().position(|e| same(&e.reservation, event, appliance))?;
         let e = &mut book.entries[i];
         let r = &mut e.reservation;
         e.status = status;
@@ -204,18 +175,12 @@ impl Ledger {
     }
 
     pub fn entries(&self, household: HouseholdId) -> Vec<Entry> {
-        self.books
-            .get(&household)
-            .map(|b| b.entries.clone())
-            .unwrap_or_default()
+        self.books.get(&household).map(|b| b.entries.clone()).unwrap_or_default()
     }
 
     /// Burden over the fairness window, in kW-minutes.
     pub fn burden_kw_min(&self, household: HouseholdId, now_unix_ms: i64) -> f64 {
-        self.books
-            .get(&household)
-            .map(|b| self.burden_of(&b, now_unix_ms))
-            .unwrap_or(0.0)
+        self.books.get(&household).map(|b| self.burden_of(&b, now_unix_ms)).unwrap_or(0.0)
     }
 
     fn burden_of(&self, book: &Book, now_unix_ms: i64) -> f64 {
@@ -263,14 +228,8 @@ impl Ledger {
         if other_events.len() as u64 + 1 > u64::from(limits.events_per_day_max) {
             return None;
         }
-        let budget_min = limits
-            .deferred_min_per_day_max
-            .saturating_sub(used_min)
-            .min(limits.deferral_min_max);
-        Some(Standing {
-            budget_min,
-            burden_kw_min: self.burden_of(&book, now_unix_ms),
-        })
+        let budget_min = limits.deferred_min_per_day_max.saturating_sub(used_min).min(limits.deferral_min_max);
+        Some(Standing { budget_min, burden_kw_min: self.burden_of(&book, now_unix_ms) })
     }
 
     /// Every reservation, for invariant checks in tests and simulations.

@@ -16,24 +16,19 @@ fn limits_strategy() -> impl Strategy<Value = Limits> {
         proptest::bool::weighted(0.05),
         proptest::bool::weighted(0.05),
     )
-        .prop_map(
-            |(events, minutes, longest, rest, quiet, never, paused)| Limits {
-                events_per_day_max: events,
-                deferred_min_per_day_max: minutes,
-                deferral_min_max: longest,
-                rest_min_min: rest,
-                quiet_windows: quiet
-                    .filter(|(a, b)| a != b)
-                    .map(|(a, b)| QuietWindow {
-                        start_min: a,
-                        end_min: b,
-                    })
-                    .into_iter()
-                    .collect(),
-                never,
-                paused,
-            },
-        )
+        .prop_map(|(events, minutes, longest, rest, quiet, never, paused)| Limits {
+            events_per_day_max: events,
+            deferred_min_per_day_max: minutes,
+            deferral_min_max: longest,
+            rest_min_min: rest,
+            quiet_windows: quiet
+                .filter(|(a, b)| a != b)
+                .map(|(a, b)| QuietWindow { start_min: a, end_min: b })
+                .into_iter()
+                .collect(),
+            never,
+            paused,
+        })
 }
 
 /// A candidate deferral: (household, appliance within household, event, start minute, deferral minutes).
@@ -92,15 +87,8 @@ proptest! {
 
 #[test]
 fn override_charges_only_what_was_given_and_frees_the_rest() {
-    let ledger = Ledger::new(
-        Limits {
-            deferred_min_per_day_max: 20,
-            rest_min_min: 0,
-            ..Limits::system_default()
-        },
-        7,
-        30,
-    );
+    let ledger =
+        Ledger::new(Limits { deferred_min_per_day_max: 20, rest_min_min: 0, ..Limits::system_default() }, 7, 30);
     let h = HouseholdId(1);
     ledger.ensure_household(h);
     let r = |event, start_min: i64, minutes: u32| Reservation {
@@ -118,15 +106,8 @@ fn override_charges_only_what_was_given_and_frees_the_rest() {
         ledger.try_reserve(r(2, 30, 10), 60, DAY0_MS),
         Err(ReserveError::Limit(ReservationCheck::MinutesPerDay))
     );
-    let shortened = ledger
-        .end_early(
-            h,
-            EventId(1),
-            ApplianceId(1),
-            DAY0_MS + 5 * MS_PER_MIN,
-            DeviceStatus::Overridden,
-        )
-        .unwrap();
+    let shortened =
+        ledger.end_early(h, EventId(1), ApplianceId(1), DAY0_MS + 5 * MS_PER_MIN, DeviceStatus::Overridden).unwrap();
     assert_eq!(shortened.deferral_s, 300);
     ledger.try_reserve(r(2, 30, 10), 60, DAY0_MS).unwrap();
     assert!((ledger.burden_kw_min(h, DAY0_MS) - (0.1 * 5.0 + 0.1 * 10.0)).abs() < 1e-6);
@@ -136,25 +117,10 @@ fn override_charges_only_what_was_given_and_frees_the_rest() {
 fn standing_reflects_budget_and_exclusions() {
     let ledger = Ledger::new(Limits::system_default(), 7, 30);
     let h = HouseholdId(9);
-    ledger.set_limits(
-        h,
-        Limits {
-            deferral_min_max: 25,
-            ..Limits::system_default()
-        },
-    );
+    ledger.set_limits(h, Limits { deferral_min_max: 25, ..Limits::system_default() });
     let s = ledger.standing(h, EventId(1), DAY0_MS, DAY0_MS).unwrap();
     assert_eq!(s.budget_min, 25);
-    ledger.set_limits(
-        h,
-        Limits {
-            paused: true,
-            ..Limits::system_default()
-        },
-    );
+    ledger.set_limits(h, Limits { paused: true, ..Limits::system_default() });
     assert_eq!(ledger.standing(h, EventId(1), DAY0_MS, DAY0_MS), None);
-    assert_eq!(
-        ledger.standing(HouseholdId(10), EventId(1), DAY0_MS, DAY0_MS),
-        None
-    );
+    assert_eq!(ledger.standing(HouseholdId(10), EventId(1), DAY0_MS, DAY0_MS), None);
 }

@@ -20,10 +20,7 @@ pub const DEFERRAL_MIN_MIN: u32 = BUDGET_BAND_FLOORS_MIN[0];
 /// The band of a budget in minutes, or `None` if it is below the shortest deferral.
 pub fn budget_band(budget_min: u32) -> Option<u8> {
     // The table has 9 entries, so the index fits in u8.
-    BUDGET_BAND_FLOORS_MIN
-        .iter()
-        .rposition(|&floor| floor <= budget_min)
-        .map(|i| i as u8)
+    BUDGET_BAND_FLOORS_MIN.iter().rposition(|&floor| floor <= budget_min).map(|i| i as u8)
 }
 
 pub fn budget_band_floor_min(band: u8) -> u32 {

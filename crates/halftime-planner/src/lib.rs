@@ -20,8 +20,8 @@
 mod cohort;
 
 pub use cohort::{
-    BUDGET_BAND_FLOORS_MIN, BURDEN_BAND_WEIGHTS, Cohort, CohortKey, DEFERRAL_MIN_MIN,
-    N_BURDEN_BANDS, budget_band, budget_band_floor_min,
+    BUDGET_BAND_FLOORS_MIN, BURDEN_BAND_WEIGHTS, Cohort, CohortKey, DEFERRAL_MIN_MIN, N_BURDEN_BANDS, budget_band,
+    budget_band_floor_min,
 };
 
 use good_lp::{Expression, ProblemVariables, Solution, SolverModel, Variable, variable};
@@ -119,25 +119,15 @@ fn columns(req: &PlanRequest) -> Vec<Column> {
         if c.n_appliances == 0 || c.reduction_w_net_sum <= 0.0 {
             continue;
         }
-        let key = ColumnKey {
-            class: c.key.class,
-            budget_band: c.key.budget_band,
-            burden_band: c.key.burden_band,
-        };
+        let key = ColumnKey { class: c.key.class, budget_band: c.key.budget_band, burden_band: c.key.burden_band };
         by_key.entry(key).or_default().push(i);
     }
     by_key
         .into_iter()
         .filter_map(|(key, cohorts)| {
             let n_appliances: u32 = cohorts.iter().map(|&i| req.cohorts[i].n_appliances).sum();
-            let sum: f64 = cohorts
-                .iter()
-                .map(|&i| req.cohorts[i].reduction_w_sum)
-                .sum();
-            let sum_net: f64 = cohorts
-                .iter()
-                .map(|&i| req.cohorts[i].reduction_w_net_sum)
-                .sum();
+            let sum: f64 = cohorts.iter().map(|&i| req.cohorts[i].reduction_w_sum).sum();
+            let sum_net: f64 = cohorts.iter().map(|&i| req.cohorts[i].reduction_w_net_sum).sum();
             let cap = budget_band_floor_min(key.budget_band).min(req.deferral_min_max);
             if cap < DEFERRAL_MIN_MIN {
                 return None;
@@ -166,11 +156,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     let n_slots = req.target_w.len() as u32;
     let columns = columns(req);
     // Deferrals may start after the target window too, to absorb the payback of earlier ones.
-    let tail_starts = columns
-        .iter()
-        .flat_map(|c| c.deferral_options_min.first().copied())
-        .max()
-        .unwrap_or(0);
+    let tail_starts = columns.iter().flat_map(|c| c.deferral_options_min.first().copied()).max().unwrap_or(0);
     let n_start_slots = n_slots + tail_starts;
     let start_step = (n_start_slots as usize).div_ceil(N_START_SLOTS_MAX).max(1);
     let horizon = n_start_slots + REBOUND_HORIZON_TAIL_SLOTS;
@@ -182,16 +168,11 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     let mut starts: Vec<(usize, u32, u32, Variable)> = Vec::new();
     let mut objective = Expression::with_capacity(columns.len() * 64);
     // Net load change below baseline per slot: active deferrals less rebound.
-    let mut net: Vec<Expression> = (0..horizon)
-        .map(|_| Expression::with_capacity(64))
-        .collect();
-    let mut capacity: Vec<Expression> = (0..columns.len())
-        .map(|_| Expression::with_capacity(64))
-        .collect();
+    let mut net: Vec<Expression> = (0..horizon).map(|_| Expression::with_capacity(64)).collect();
+    let mut capacity: Vec<Expression> = (0..columns.len()).map(|_| Expression::with_capacity(64)).collect();
     for (j, col) in columns.iter().enumerate() {
         let profile = col.key.class.profile();
-        let weight =
-            profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
+        let weight = profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
         let r_kw = col.reduction_w / 1e3;
         let r_net_kw = col.reduction_w_net / 1e3;
         for &d in &col.deferral_options_min {
@@ -212,9 +193,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
             }
         }
     }
-    let shortfall: Vec<Variable> = (0..n_slots)
-        .map(|_| vars.add(variable().min(0.0)))
-        .collect();
+    let shortfall: Vec<Variable> = (0..n_slots).map(|_| vars.add(variable().min(0.0))).collect();
     for &sf in &shortfall {
         objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT, sf);
     }
@@ -233,20 +212,12 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
         problem.add_constraint(expr.leq(f64::from(columns[j].n_appliances)));
     }
     let t0 = Instant::now();
-    let solution = problem
-        .solve()
-        .map_err(|e| PlanError::Solver(e.to_string()))?;
+    let solution = problem.solve().map_err(|e| PlanError::Solver(e.to_string()))?;
     let lp_solve_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
 
     let allocations = round_and_split(req, &columns, &starts, |v| solution.value(v));
     let evaluation = evaluate(req, &allocations);
-    Ok(Plan {
-        allocations,
-        evaluation,
-        lp_solve_us,
-        n_columns: columns.len(),
-        n_variables,
-    })
+    Ok(Plan { allocations, evaluation, lp_solve_us, n_columns: columns.len(), n_variables })
 }
 
 #[cfg(feature = "highs")]
@@ -267,11 +238,7 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     if !(0.0..=1.0).contains(&req.rebound_fraction_max) {
         return Err(PlanError::Invalid("rebound fraction must be in 0..=1"));
     }
-    if req
-        .cohorts
-        .iter()
-        .any(|c| !c.reduction_w_sum.is_finite() || !c.reduction_w_net_sum.is_finite())
-    {
+    if req.cohorts.iter().any(|c| !c.reduction_w_sum.is_finite() || !c.reduction_w_net_sum.is_finite()) {
         return Err(PlanError::Invalid("cohort reductions must be finite"));
     }
     Ok(())
@@ -291,11 +258,7 @@ fn round_and_split(
     for &(j, s, d, v) in starts {
         let x = value(v);
         // Rounding up keeps the target met; a hair of solver noise is not an appliance.
-        let want = if x > 0.05 {
-            (x - 0.05).ceil() as u32
-        } else {
-            0
-        };
+        let want = if x > 0.05 { (x - 0.05).ceil() as u32 } else { 0 };
         let n = want.min(left_in_column[j]);
         if n == 0 {
             continue;
@@ -307,8 +270,7 @@ fn round_and_split(
         let mut shares: Vec<(usize, u32, f64)> = cohorts
             .iter()
             .map(|&i| {
-                let exact =
-                    f64::from(n) * f64::from(left_in_cohort[i]) / f64::from(total_left.max(1));
+                let exact = f64::from(n) * f64::from(left_in_cohort[i]) / f64::from(total_left.max(1));
                 (i, exact.floor() as u32, exact - exact.floor())
             })
             .collect();
@@ -327,12 +289,7 @@ fn round_and_split(
             let k = k.min(left_in_cohort[i]);
             if k > 0 {
                 left_in_cohort[i] -= k;
-                out.push(Allocation {
-                    cohort: i,
-                    start_slot: s,
-                    deferral_min: d,
-                    n: k,
-                });
+                out.push(Allocation { cohort: i, start_slot: s, deferral_min: d, n: k });
             }
         }
     }
@@ -367,18 +324,9 @@ pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
         }
     }
     let expected_w: Vec<f64> = net_w[..n_slots].to_vec();
-    let shortfall_w = req
-        .target_w
-        .iter()
-        .zip(&expected_w)
-        .map(|(t, e)| (t - e).max(0.0))
-        .collect();
+    let shortfall_w = req.target_w.iter().zip(&expected_w).map(|(t, e)| (t - e).max(0.0)).collect();
     let rebound_w = net_w.iter().map(|n| (-n).max(0.0)).collect();
-    Evaluation {
-        expected_w,
-        shortfall_w,
-        rebound_w,
-    }
+    Evaluation { expected_w, shortfall_w, rebound_w }
 }
 
 #[cfg(test)]

@@ -7,12 +7,7 @@ fn cohort(region: u16, class: ApplianceClass, budget_band: u8, burden_band: u8, 
     let per_w = f64::from(p.power_w_typical) * f64::from(p.duty_cycle_permille) / 1000.0;
     let net = per_w * (1.0 - f64::from(p.override_rate_permille) / 1000.0);
     Cohort {
-        key: CohortKey {
-            region: RegionId(region),
-            class,
-            budget_band,
-            burden_band,
-        },
+        key: CohortKey { region: RegionId(region), class, budget_band, burden_band },
         n_appliances: n,
         reduction_w_sum: per_w * f64::from(n),
         reduction_w_net_sum: net * f64::from(n),
@@ -32,19 +27,11 @@ fn assert_within_cohorts(req: &PlanRequest, plan: &Plan) {
     let mut used = vec![0u32; req.cohorts.len()];
     for a in &plan.allocations {
         used[a.cohort] += a.n;
-        assert!(
-            a.deferral_min <= req.cohorts[a.cohort].deferral_min_cap(),
-            "{a:?} over its budget band"
-        );
+        assert!(a.deferral_min <= req.cohorts[a.cohort].deferral_min_cap(), "{a:?} over its budget band");
         assert!(a.deferral_min <= req.deferral_min_max);
     }
     for (i, c) in req.cohorts.iter().enumerate() {
-        assert!(
-            used[i] <= c.n_appliances,
-            "cohort {i} over-allocated: {} > {}",
-            used[i],
-            c.n_appliances
-        );
+        assert!(used[i] <= c.n_appliances, "cohort {i} over-allocated: {} > {}", used[i], c.n_appliances);
     }
 }
 
@@ -52,64 +39,37 @@ fn assert_within_cohorts(req: &PlanRequest, plan: &Plan) {
 fn meets_a_target_the_population_can_supply_with_rebound_capped() {
     let mut cohorts = Vec::new();
     for region in 0..3 {
-        for class in [
-            ApplianceClass::Fridge,
-            ApplianceClass::Freezer,
-            ApplianceClass::WaterHeater,
-            ApplianceClass::EvCharger,
-        ] {
+        for class in
+            [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater, ApplianceClass::EvCharger]
+        {
             for burden_band in 0..3 {
                 cohorts.push(cohort(region, class, 6, burden_band, 2_000));
             }
         }
     }
-    let target_kw = [
-        200.0, 400.0, 600.0, 600.0, 600.0, 600.0, 500.0, 300.0, 200.0, 100.0,
-    ];
+    let target_kw = [200.0, 400.0, 600.0, 600.0, 600.0, 600.0, 500.0, 300.0, 200.0, 100.0];
     let req = request(&target_kw, cohorts);
     let plan = plan(&req).unwrap();
     assert_within_cohorts(&req, &plan);
-    for (t, (&target, &expected)) in req
-        .target_w
-        .iter()
-        .zip(&plan.evaluation.expected_w)
-        .enumerate()
-    {
-        assert!(
-            expected >= target * 0.999,
-            "slot {t}: expected {expected} < target {target}"
-        );
+    for (t, (&target, &expected)) in req.target_w.iter().zip(&plan.evaluation.expected_w).enumerate() {
+        assert!(expected >= target * 0.999, "slot {t}: expected {expected} < target {target}");
     }
-    assert!(
-        plan.evaluation.shortfall_w.iter().all(|&s| s < 1.0),
-        "{:?}",
-        plan.evaluation.shortfall_w
-    );
+    assert!(plan.evaluation.shortfall_w.iter().all(|&s| s < 1.0), "{:?}", plan.evaluation.shortfall_w);
     let cap = 0.1 * 600e3;
     for (t, &r) in plan.evaluation.rebound_w.iter().enumerate() {
         // Rounding up to whole appliances may add a little.
-        assert!(
-            r <= cap * 1.05 + 5e3,
-            "slot {t}: rebound {r} W above cap {cap} W"
-        );
+        assert!(r <= cap * 1.05 + 5e3, "slot {t}: rebound {r} W above cap {cap} W");
     }
 }
 
 #[test]
 fn reports_shortfall_honestly_when_supply_is_short() {
-    let req = request(
-        &[1_000.0; 5],
-        vec![cohort(0, ApplianceClass::Fridge, 4, 0, 100)],
-    );
+    let req = request(&[1_000.0; 5], vec![cohort(0, ApplianceClass::Fridge, 4, 0, 100)]);
     let plan = plan(&req).unwrap();
     assert_within_cohorts(&req, &plan);
     for t in 0..5 {
         let e = &plan.evaluation;
-        assert!(
-            e.shortfall_w[t] > 900e3,
-            "slot {t}: shortfall {}",
-            e.shortfall_w[t]
-        );
+        assert!(e.shortfall_w[t] > 900e3, "slot {t}: shortfall {}", e.shortfall_w[t]);
         assert!((e.shortfall_w[t] - (req.target_w[t] - e.expected_w[t])).abs() < 1e-6);
     }
 }
@@ -121,24 +81,11 @@ fn least_burdened_go_first() {
         cohort(0, ApplianceClass::Freezer, 5, 0, 5_000),
         cohort(1, ApplianceClass::Freezer, 5, 1, 5_000),
     ];
-    let req = PlanRequest {
-        rebound_fraction_max: 1.0,
-        ..request(&[20.0; 5], cohorts)
-    };
+    let req = PlanRequest { rebound_fraction_max: 1.0, ..request(&[20.0; 5], cohorts) };
     let plan = plan(&req).unwrap();
-    let used = |i: usize| {
-        plan.allocations
-            .iter()
-            .filter(|a| a.cohort == i)
-            .map(|a| a.n)
-            .sum::<u32>()
-    };
+    let used = |i: usize| plan.allocations.iter().filter(|a| a.cohort == i).map(|a| a.n).sum::<u32>();
     assert!(used(1) > 0);
-    assert_eq!(
-        used(0),
-        0,
-        "most burdened used while the least burdened had room"
-    );
+    assert_eq!(used(0), 0, "most burdened used while the least burdened had room");
     assert_eq!(used(2), 0);
 }
 

@@ -7,13 +7,11 @@ pub mod pb {
 }
 
 /// Encoded file descriptor set of `halftime.v1`, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/halftime_v1_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/halftime_v1_descriptor.bin"));
 
 use halftime_core::{
-    ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport, DeviceStatus, EventId,
-    EventProgress, EventState, FieldError, Limits, PlanSummary, Priority, QuietWindow,
-    RejectReason, SignedCommand,
+    ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport, DeviceStatus, EventId, EventProgress,
+    EventState, FieldError, Limits, PlanSummary, Priority, QuietWindow, RejectReason, SignedCommand,
 };
 
 pub fn class_from_pb(v: i32, field: &str) -> Result<ApplianceClass, FieldError> {
@@ -29,10 +27,7 @@ pub fn class_from_pb(v: i32, field: &str) -> Result<ApplianceClass, FieldError> 
         Ok(P::EvCharger) => ApplianceClass::EvCharger,
         Ok(P::Unspecified) => return Err(FieldError::new(field, "must be set")),
         Err(_) => {
-            return Err(FieldError::new(
-                field,
-                format!("unknown appliance class {v}"),
-            ));
+            return Err(FieldError::new(field, format!("unknown appliance class {v}")));
         }
     })
 }
@@ -102,10 +97,7 @@ pub fn status_from_pb(v: i32, field: &str) -> Result<DeviceStatus, FieldError> {
         Ok(P::Released) => DeviceStatus::Released,
         // Dispatched and Expired are the engine's own; a device may not claim them.
         Ok(P::Unspecified | P::Dispatched | P::Expired) => {
-            return Err(FieldError::new(
-                field,
-                "must be a device status (RECEIVED..RELEASED)",
-            ));
+            return Err(FieldError::new(field, "must be a device status (RECEIVED..RELEASED)"));
         }
         Err(_) => return Err(FieldError::new(field, format!("unknown status {v}"))),
     })
@@ -165,17 +157,11 @@ pub fn command_from_pb(c: &pb::SignedCommand) -> Result<SignedCommand, FieldErro
         Ok(pb::CommandKind::Defer) => CommandKind::Defer,
         Ok(pb::CommandKind::Release) => CommandKind::Release,
         _ => {
-            return Err(FieldError::new(
-                "kind",
-                format!("unknown command kind {}", c.kind),
-            ));
+            return Err(FieldError::new("kind", format!("unknown command kind {}", c.kind)));
         }
     };
-    let signature: [u8; 64] = c
-        .signature
-        .as_slice()
-        .try_into()
-        .map_err(|_| FieldError::new("signature", "must be 64 bytes"))?;
+    let signature: [u8; 64] =
+        c.signature.as_slice().try_into().map_err(|_| FieldError::new("signature", "must be 64 bytes"))?;
     Ok(SignedCommand {
         command: DeferralCommand {
             kind,
@@ -201,10 +187,7 @@ pub fn limits_to_pb(l: &Limits) -> pb::Limits {
         quiet_windows: l
             .quiet_windows
             .iter()
-            .map(|w| pb::QuietWindow {
-                start_min: u32::from(w.start_min),
-                end_min: u32::from(w.end_min),
-            })
+            .map(|w| pb::QuietWindow { start_min: u32::from(w.start_min), end_min: u32::from(w.end_min) })
             .collect(),
         never: l.never,
         paused: l.paused,
@@ -214,24 +197,13 @@ pub fn limits_to_pb(l: &Limits) -> pb::Limits {
 pub fn limits_from_pb(l: &pb::Limits, prefix: &str) -> Result<Limits, FieldError> {
     let mut quiet_windows = Vec::with_capacity(l.quiet_windows.len().min(8));
     if l.quiet_windows.len() > halftime_core::limits::N_QUIET_WINDOWS_MAX {
-        return Err(FieldError::new(
-            format!("{prefix}.quiet_windows"),
-            "at most 4 windows",
-        ));
+        return Err(FieldError::new(format!("{prefix}.quiet_windows"), "at most 4 windows"));
     }
     for (i, w) in l.quiet_windows.iter().enumerate() {
-        let start_min = u16::try_from(w.start_min).map_err(|_| {
-            FieldError::new(
-                format!("{prefix}.quiet_windows[{i}].start_min"),
-                "must be 0..=1439",
-            )
-        })?;
-        let end_min = u16::try_from(w.end_min).map_err(|_| {
-            FieldError::new(
-                format!("{prefix}.quiet_windows[{i}].end_min"),
-                "must be 0..=1440",
-            )
-        })?;
+        let start_min = u16::try_from(w.start_min)
+            .map_err(|_| FieldError::new(format!("{prefix}.quiet_windows[{i}].start_min"), "must be 0..=1439"))?;
+        let end_min = u16::try_from(w.end_min)
+            .map_err(|_| FieldError::new(format!("{prefix}.quiet_windows[{i}].end_min"), "must be 0..=1440"))?;
         quiet_windows.push(QuietWindow { start_min, end_min });
     }
     let limits = Limits {
@@ -290,9 +262,7 @@ pub fn report_to_pb(r: &DeviceReport) -> pb::StatusReport {
         event_id: r.event.0,
         counter: r.counter,
         status: status_to_pb(r.status) as i32,
-        reject_reason: r
-            .reject_reason
-            .map_or(pb::RejectReason::Unspecified, reject_to_pb) as i32,
+        reject_reason: r.reject_reason.map_or(pb::RejectReason::Unspecified, reject_to_pb) as i32,
         at_unix_ms: r.at_unix_ms,
         reduction_w: r.reduction_w,
     }

@@ -40,13 +40,8 @@ impl Operators {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::permission_denied("authorization: a bearer token is required")
-            })?;
-        self.grants
-            .get(token)
-            .cloned()
-            .ok_or_else(|| Status::permission_denied("authorization: unknown token"))
+            .ok_or_else(|| Status::permission_denied("authorization: a bearer token is required"))?;
+        self.grants.get(token).cloned().ok_or_else(|| Status::permission_denied("authorization: unknown token"))
     }
 }
 
@@ -107,22 +102,11 @@ impl GridOperator for GridOperatorService {
         let grant = self.operators.grant(&request)?;
         let r = request.into_inner();
         let event = event_id(r.event_id)?;
-        let peak_w = r
-            .target_mw
-            .iter()
-            .map(|v| v * 1e6)
-            .chain(r.target_kw.iter().map(|v| v * 1e3))
-            .fold(0.0, f64::max);
+        let peak_w = r.target_mw.iter().map(|v| v * 1e6).chain(r.target_kw.iter().map(|v| v * 1e3)).fold(0.0, f64::max);
         if peak_w > grant.target_w_max {
-            return Err(Status::permission_denied(
-                "target: above what this caller may ask for",
-            ));
+            return Err(Status::permission_denied("target: above what this caller may ask for"));
         }
-        let (id, plan) = self
-            .engine
-            .update(event, &r.target_mw, &r.target_kw)
-            .await
-            .map_err(status_of)?;
+        let (id, plan) = self.engine.update(event, &r.target_mw, &r.target_kw).await.map_err(status_of)?;
         Ok(Response::new(pb::SubmitStressEventResponse {
             event_id: id.0,
             plan: Some(halftime_proto::plan_to_pb(&plan)),
@@ -135,14 +119,8 @@ impl GridOperator for GridOperatorService {
     ) -> Result<Response<pb::CancelStressEventResponse>, Status> {
         self.operators.grant(&request)?;
         let r = request.into_inner();
-        let n = self
-            .engine
-            .cancel(event_id(r.event_id)?, r.release_over_min)
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(pb::CancelStressEventResponse {
-            n_released: n,
-        }))
+        let n = self.engine.cancel(event_id(r.event_id)?, r.release_over_min).await.map_err(status_of)?;
+        Ok(Response::new(pb::CancelStressEventResponse { n_released: n }))
     }
 
     type WatchEventStream = BoxStream<pb::EventProgress>;
@@ -152,25 +130,19 @@ impl GridOperator for GridOperatorService {
         request: Request<pb::WatchEventRequest>,
     ) -> Result<Response<Self::WatchEventStream>, Status> {
         self.operators.grant(&request)?;
-        let mut rx = self
-            .engine
-            .watch(event_id(request.into_inner().event_id)?)
-            .map_err(status_of)?;
+        let mut rx = self.engine.watch(event_id(request.into_inner().event_id)?).map_err(status_of)?;
         let (tx, out) = tokio::sync::mpsc::channel(16);
+        let engine = self.engine.clone();
         tokio::spawn(async move {
             loop {
                 let p = rx.borrow_and_update().clone();
                 let closed = p.closed;
-                if tx
-                    .send(Ok(halftime_proto::progress_to_pb(&p)))
-                    .await
-                    .is_err()
-                    || closed
-                {
+                if tx.send(Ok(halftime_proto::progress_to_pb(&p))).await.is_err() || closed {
                     return;
                 }
-                if rx.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { return },
+                    () = engine.stopped() => return,
                 }
             }
         });
@@ -183,13 +155,9 @@ impl GridOperator for GridOperatorService {
     ) -> Result<Response<pb::GetFlexibilityResponse>, Status> {
         self.operators.grant(&request)?;
         let r = request.into_inner();
-        let region: RegionId =
-            validate::region(&r.region, self.engine.regions(), "region").map_err(bad)?;
+        let region: RegionId = validate::region(&r.region, self.engine.regions(), "region").map_err(bad)?;
         if r.horizon_min == 0 || r.horizon_min > 240 {
-            return Err(bad(FieldError::new(
-                "horizon_min",
-                "must be 1..=240 minutes",
-            )));
+            return Err(bad(FieldError::new("horizon_min", "must be 1..=240 minutes")));
         }
         let deferral = limit_count(r.deferral_min_max, 30, 120, "deferral_min_max").map_err(bad)?;
         let f = self.engine.flexibility(region, r.horizon_min, deferral);
@@ -222,12 +190,7 @@ impl GridOperator for GridOperatorService {
             .map(|e| pb::EventSummary {
                 event_id: e.id.0,
                 state: halftime_proto::state_to_pb(e.state) as i32,
-                regions: e
-                    .spec
-                    .regions
-                    .iter()
-                    .map(|r| self.engine.regions().code(*r).to_string())
-                    .collect(),
+                regions: e.spec.regions.iter().map(|r| self.engine.regions().code(*r).to_string()).collect(),
                 start_unix_ms: e.spec.start_unix_ms,
                 n_slots: e.spec.target_w.len() as u32,
                 target_peak_mw: e.spec.target_peak_w() / 1e6,
@@ -264,16 +227,12 @@ impl Household for HouseholdService {
     ) -> Result<Response<pb::EnrolAppliancesResponse>, Status> {
         let r = request.into_inner();
         if r.appliances.is_empty() || r.appliances.len() > ENROL_BATCH_MAX {
-            return Err(bad(FieldError::new(
-                "appliances",
-                format!("need 1..={ENROL_BATCH_MAX} appliances"),
-            )));
+            return Err(bad(FieldError::new("appliances", format!("need 1..={ENROL_BATCH_MAX} appliances"))));
         }
         let mut list = Vec::with_capacity(r.appliances.len());
         for (i, a) in r.appliances.iter().enumerate() {
             let prefix = format!("appliances[{i}]");
-            let class =
-                halftime_proto::class_from_pb(a.class, &format!("{prefix}.class")).map_err(bad)?;
+            let class = halftime_proto::class_from_pb(a.class, &format!("{prefix}.class")).map_err(bad)?;
             let input = validate::ApplianceInput {
                 appliance_id: a.appliance_id,
                 household_id: a.household_id,
@@ -287,10 +246,7 @@ impl Household for HouseholdService {
             list.push(validate::appliance(&input, self.engine.regions(), &prefix).map_err(bad)?);
         }
         let (n_enrolled, n_updated) = self.engine.enrol(list).await.map_err(status_of)?;
-        Ok(Response::new(pb::EnrolAppliancesResponse {
-            n_enrolled,
-            n_updated,
-        }))
+        Ok(Response::new(pb::EnrolAppliancesResponse { n_enrolled, n_updated }))
     }
 
     async fn set_limits(
@@ -299,18 +255,10 @@ impl Household for HouseholdService {
     ) -> Result<Response<pb::SetLimitsResponse>, Status> {
         let r = request.into_inner();
         let household = household_id(r.household_id)?;
-        let limits = r
-            .limits
-            .ok_or_else(|| bad(FieldError::new("limits", "must be set")))?;
+        let limits = r.limits.ok_or_else(|| bad(FieldError::new("limits", "must be set")))?;
         let limits = halftime_proto::limits_from_pb(&limits, "limits").map_err(bad)?;
-        let effective = self
-            .engine
-            .set_limits(household, limits)
-            .await
-            .map_err(status_of)?;
-        Ok(Response::new(pb::SetLimitsResponse {
-            effective: Some(halftime_proto::limits_to_pb(&effective)),
-        }))
+        let effective = self.engine.set_limits(household, limits).await.map_err(status_of)?;
+        Ok(Response::new(pb::SetLimitsResponse { effective: Some(halftime_proto::limits_to_pb(&effective)) }))
     }
 
     async fn get_limits(
@@ -332,11 +280,7 @@ impl Household for HouseholdService {
         let r = request.into_inner();
         let household = household_id(r.household_id)?;
         let appliance = (r.appliance_id != 0).then_some(ApplianceId(r.appliance_id));
-        let n = self
-            .engine
-            .override_now(household, appliance)
-            .await
-            .map_err(status_of)?;
+        let n = self.engine.override_now(household, appliance).await.map_err(status_of)?;
         Ok(Response::new(pb::OverrideResponse { n_overridden: n }))
     }
 
@@ -347,10 +291,7 @@ impl Household for HouseholdService {
         let r = request.into_inner();
         let household = household_id(r.household_id)?;
         let limit = limit_count(r.limit, 100, 1000, "limit").map_err(bad)?;
-        let (entries, burden) = self
-            .engine
-            .history(household, limit as usize)
-            .map_err(status_of)?;
+        let (entries, burden) = self.engine.history(household, limit as usize).map_err(status_of)?;
         Ok(Response::new(pb::GetHistoryResponse {
             entries: entries
                 .into_iter()
@@ -378,19 +319,14 @@ pub struct DeviceLinkService {
 impl DeviceLink for DeviceLinkService {
     type AttachStream = BoxStream<pb::Downlink>;
 
-    async fn attach(
-        &self,
-        request: Request<Streaming<pb::Uplink>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
+    async fn attach(&self, request: Request<Streaming<pb::Uplink>>) -> Result<Response<Self::AttachStream>, Status> {
         let mut uplink = request.into_inner();
         let first = uplink
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("hello: the stream must start with a hello"))?;
         let Some(UpMsg::Hello(hello)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "hello: the stream must start with a hello",
-            ));
+            return Err(Status::invalid_argument("hello: the stream must start with a hello"));
         };
         let devices: Vec<ApplianceId> = hello
             .device_ids
@@ -404,18 +340,18 @@ impl DeviceLink for DeviceLinkService {
         let engine = self.engine.clone();
         tokio::spawn(async move {
             loop {
-                match uplink.message().await {
-                    Ok(Some(pb::Uplink {
-                        msg: Some(UpMsg::Reports(batch)),
-                    })) => {
+                let next = tokio::select! {
+                    m = uplink.message() => m,
+                    () = engine.stopped() => break,
+                };
+                match next {
+                    Ok(Some(pb::Uplink { msg: Some(UpMsg::Reports(batch)) })) => {
                         let reports: Vec<_> = batch
                             .reports
                             .iter()
                             .take(REPORT_BATCH_MAX)
                             .enumerate()
-                            .filter_map(|(i, r)| {
-                                halftime_proto::report_from_pb(r, &format!("reports[{i}]")).ok()
-                            })
+                            .filter_map(|(i, r)| halftime_proto::report_from_pb(r, &format!("reports[{i}]")).ok())
                             .collect();
                         if let Err(e) = engine.report(&reports).await {
                             tracing::error!(error = %e, "device reports");
@@ -440,21 +376,13 @@ impl DeviceLink for DeviceLinkService {
                 })),
             })
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::once(Ok(ack)).chain(commands),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(ack)).chain(commands))))
     }
 
-    async fn resync(
-        &self,
-        request: Request<pb::ResyncRequest>,
-    ) -> Result<Response<pb::ResyncResponse>, Status> {
-        let device =
-            validate::appliance_id(request.into_inner().device_id, "device_id").map_err(bad)?;
+    async fn resync(&self, request: Request<pb::ResyncRequest>) -> Result<Response<pb::ResyncResponse>, Status> {
+        let device = validate::appliance_id(request.into_inner().device_id, "device_id").map_err(bad)?;
         let commands = self.engine.resync(device).map_err(status_of)?;
-        Ok(Response::new(pb::ResyncResponse {
-            commands: commands.iter().map(halftime_proto::command_to_pb).collect(),
-        }))
+        Ok(Response::new(pb::ResyncResponse { commands: commands.iter().map(halftime_proto::command_to_pb).collect() }))
     }
 }
 
@@ -466,31 +394,19 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<GridOperatorServer<GridOperatorService>>()
-        .await;
-    health
-        .set_serving::<HouseholdServer<HouseholdService>>()
-        .await;
-    health
-        .set_serving::<DeviceLinkServer<DeviceLinkService>>()
-        .await;
+    health.set_serving::<GridOperatorServer<GridOperatorService>>().await;
+    health.set_serving::<HouseholdServer<HouseholdService>>().await;
+    health.set_serving::<DeviceLinkServer<DeviceLinkService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(halftime_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let operators = Arc::new(operators);
-    let grid = GridOperatorServer::new(GridOperatorService {
-        engine: engine.clone(),
-        operators,
-    })
-    .max_decoding_message_size(MESSAGE_BYTES_MAX);
-    let household = HouseholdServer::new(HouseholdService {
-        engine: engine.clone(),
-    })
-    .max_decoding_message_size(MESSAGE_BYTES_MAX);
-    let link = DeviceLinkServer::new(DeviceLinkService { engine })
+    let grid = GridOperatorServer::new(GridOperatorService { engine: engine.clone(), operators })
         .max_decoding_message_size(MESSAGE_BYTES_MAX);
+    let household =
+        HouseholdServer::new(HouseholdService { engine: engine.clone() }).max_decoding_message_size(MESSAGE_BYTES_MAX);
+    let link = DeviceLinkServer::new(DeviceLinkService { engine }).max_decoding_message_size(MESSAGE_BYTES_MAX);
     tonic::transport::Server::builder()
         .concurrency_limit_per_connection(1024)
         .add_service(health_service)
@@ -498,10 +414,7 @@ pub async fn serve(
         .add_service(grid)
         .add_service(household)
         .add_service(link)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -43,9 +43,7 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
+        f.debug_struct("Signer").field("key_id", &self.key_id).finish_non_exhaustive()
     }
 }
 
@@ -100,8 +98,7 @@ impl TrustedKeys {
 
     /// Trusts a public key; returns its key id. The oldest key is dropped past [`N_TRUSTED_KEYS_MAX`].
     pub fn add(&mut self, public_key: [u8; 32]) -> Result<u32, SignerError> {
-        let vk =
-            VerifyingKey::from_bytes(&public_key).map_err(|_| SignerError::InvalidPublicKey)?;
+        let vk = VerifyingKey::from_bytes(&public_key).map_err(|_| SignerError::InvalidPublicKey)?;
         let id = key_id_of(&public_key);
         self.keys.retain(|(k, _)| *k != id);
         if self.keys.len() == N_TRUSTED_KEYS_MAX {
@@ -113,24 +110,16 @@ impl TrustedKeys {
 
     /// Trusts a key given as 64 hex characters.
     pub fn add_hex(&mut self, hex_key: &str) -> Result<u32, SignerError> {
-        let bytes =
-            hex::decode(hex_key.trim()).map_err(|e| SignerError::Encoding(e.to_string()))?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| SignerError::Encoding("need 32 bytes".into()))?;
+        let bytes = hex::decode(hex_key.trim()).map_err(|e| SignerError::Encoding(e.to_string()))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| SignerError::Encoding("need 32 bytes".into()))?;
         self.add(key)
     }
 
     pub fn verify(&self, signed: &SignedCommand) -> Result<(), VerifyError> {
         let key_id = signed.command.key_id;
-        let (_, vk) = self
-            .keys
-            .iter()
-            .find(|(k, _)| *k == key_id)
-            .ok_or(VerifyError::UnknownKey(key_id))?;
+        let (_, vk) = self.keys.iter().find(|(k, _)| *k == key_id).ok_or(VerifyError::UnknownKey(key_id))?;
         let sig = Signature::from_bytes(&signed.signature);
-        vk.verify_strict(&signed.command.canonical_bytes(), &sig)
-            .map_err(|_| VerifyError::BadSignature)
+        vk.verify_strict(&signed.command.canonical_bytes(), &sig).map_err(|_| VerifyError::BadSignature)
     }
 }
 
@@ -166,9 +155,6 @@ mod tests {
         assert_eq!(trusted.verify(&tampered), Err(VerifyError::BadSignature));
 
         let other = Signer::from_seed([8; 32]).sign(command());
-        assert_eq!(
-            trusted.verify(&other),
-            Err(VerifyError::UnknownKey(other.command.key_id))
-        );
+        assert_eq!(trusted.verify(&other), Err(VerifyError::UnknownKey(other.command.key_id)));
     }
 }

@@ -31,10 +31,7 @@ pub struct SimLog {
 
 impl SimLog {
     pub fn applied(&self) -> Vec<Applied> {
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.applied.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -71,9 +68,7 @@ impl SimAppliance {
             power_w: a.rated_power_w,
             duty: f64::from(a.duty_cycle_permille) / 1000.0,
             override_propensity,
-            rng: Mutex::new(SmallRng::seed_from_u64(
-                seed ^ a.id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            )),
+            rng: Mutex::new(SmallRng::seed_from_u64(seed ^ a.id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
             clock,
             log,
             overrides,
@@ -86,10 +81,7 @@ impl Appliance for SimAppliance {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         let thermostatic = matches!(
             self.class,
-            ApplianceClass::Fridge
-                | ApplianceClass::Freezer
-                | ApplianceClass::HeatPump
-                | ApplianceClass::WaterHeater
+            ApplianceClass::Fridge | ApplianceClass::Freezer | ApplianceClass::HeatPump | ApplianceClass::WaterHeater
         );
         // A thermostatic load sheds its average draw over the window (the compressor or element cycles would
         // have run part of it); a wet appliance or charger sheds its full draw if it was running, else nothing.
@@ -108,31 +100,23 @@ impl Appliance for SimAppliance {
             // A full queue only loses the override: the household changed its mind.
             let _ = self.overrides.try_send((self.device, at));
         }
-        self.log
-            .applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Applied {
-                device: self.device,
-                household: self.household,
-                event: d.event,
-                start_unix_ms: self.clock.now_unix_ms().max(d.start_unix_ms),
-                end_unix_ms: d.end_unix_ms,
-                planned_end_unix_ms: d.end_unix_ms,
-                reduction_w,
-                overridden: false,
-            });
+        self.log.applied.lock().unwrap_or_else(|e| e.into_inner()).push(Applied {
+            device: self.device,
+            household: self.household,
+            event: d.event,
+            start_unix_ms: self.clock.now_unix_ms().max(d.start_unix_ms),
+            end_unix_ms: d.end_unix_ms,
+            planned_end_unix_ms: d.end_unix_ms,
+            reduction_w,
+            overridden: false,
+        });
         Ok(reduction_w)
     }
 
     fn resume(&self, d: &Deferral, why: ResumeReason) {
         let now = self.clock.now_unix_ms();
         let mut log = self.log.applied.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = log
-            .iter_mut()
-            .rev()
-            .find(|a| a.device == self.device && a.event == d.event)
-        {
+        if let Some(a) = log.iter_mut().rev().find(|a| a.device == self.device && a.event == d.event) {
             a.end_unix_ms = now.clamp(a.start_unix_ms, a.planned_end_unix_ms);
             a.overridden = why == ResumeReason::Overridden;
         }

@@ -31,10 +31,7 @@ pub fn format_utc(unix_ms: i64) -> String {
 
 /// One event's samples: (Unix ms, MW), sorted.
 pub fn load_pickup(path: &Path, event_id: &str) -> Result<Vec<(i64, f64)>, DemandError> {
-    let err = |reason: String| DemandError::Data {
-        path: path.display().to_string(),
-        reason,
-    };
+    let err = |reason: String| DemandError::Data { path: path.display().to_string(), reason };
     let mut rdr = csv::Reader::from_path(path).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
     for (i, row) in rdr.records().enumerate() {
@@ -42,13 +39,9 @@ pub fn load_pickup(path: &Path, event_id: &str) -> Result<Vec<(i64, f64)>, Deman
         if row.get(0) != Some(event_id) {
             continue;
         }
-        let t =
-            parse_utc(row.get(1).unwrap_or("")).map_err(|e| err(format!("row {}: {e}", i + 2)))?;
-        let mw: f64 = row
-            .get(2)
-            .unwrap_or("")
-            .parse()
-            .map_err(|_| err(format!("row {}: demand_mw is not a number", i + 2)))?;
+        let t = parse_utc(row.get(1).unwrap_or("")).map_err(|e| err(format!("row {}: {e}", i + 2)))?;
+        let mw: f64 =
+            row.get(2).unwrap_or("").parse().map_err(|_| err(format!("row {}: demand_mw is not a number", i + 2)))?;
         out.push((t, mw));
     }
     if out.len() < 2 {
@@ -73,9 +66,7 @@ pub fn demand_at(samples: &[(i64, f64)], t: i64) -> f64 {
 /// Per-minute rise above the level at `from`, over `[from, to)`, in national MW.
 pub fn pickup_rise_mw(samples: &[(i64, f64)], from: i64, to: i64) -> Vec<f64> {
     let base = demand_at(samples, from);
-    (0..((to - from) / 60_000).max(0))
-        .map(|m| (demand_at(samples, from + m * 60_000) - base).max(0.0))
-        .collect()
+    (0..((to - from) / 60_000).max(0)).map(|m| (demand_at(samples, from + m * 60_000) - base).max(0.0)).collect()
 }
 
 #[cfg(test)]
@@ -86,14 +77,8 @@ mod tests {
     fn interpolates_and_measures_the_rise() {
         let s = vec![(0, 100.0), (300_000, 150.0), (600_000, 120.0)];
         assert_eq!(demand_at(&s, 150_000), 125.0);
-        assert_eq!(
-            pickup_rise_mw(&s, 0, 600_000),
-            vec![0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 44.0, 38.0, 32.0, 26.0]
-        );
-        assert_eq!(
-            parse_utc("2018-07-03T19:00:00Z").unwrap(),
-            1_530_644_400_000
-        );
+        assert_eq!(pickup_rise_mw(&s, 0, 600_000), vec![0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 44.0, 38.0, 32.0, 26.0]);
+        assert_eq!(parse_utc("2018-07-03T19:00:00Z").unwrap(), 1_530_644_400_000);
         assert_eq!(format_utc(1_530_644_400_000), "2018-07-03T19:00:00Z");
     }
 }

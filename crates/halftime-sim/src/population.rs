@@ -1,9 +1,7 @@
 //! Seeded populations: households in regions, with the appliances they enrol and the limits they set.
 
 use crate::scenario::PopulationSpec;
-use halftime_core::{
-    Appliance, ApplianceClass, ApplianceId, HouseholdId, Limits, QuietWindow, RegionId, RegionSet,
-};
+use halftime_core::{Appliance, ApplianceClass, ApplianceId, HouseholdId, Limits, QuietWindow, RegionId, RegionSet};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -31,21 +29,15 @@ impl Population {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut region_shares = Vec::new();
         for (code, share) in &spec.regions {
-            let id = regions
-                .lookup(code)
-                .ok_or_else(|| format!("population.regions: unknown region {code:?}"))?;
+            let id = regions.lookup(code).ok_or_else(|| format!("population.regions: unknown region {code:?}"))?;
             region_shares.push((id, *share));
         }
         let total: f64 = region_shares.iter().map(|r| r.1).sum();
         let mut classes = Vec::new();
         for (name, c) in &spec.classes {
-            let class = ApplianceClass::from_name(name)
-                .ok_or_else(|| format!("population.classes.{name}: unknown class"))?;
-            classes.push((
-                class,
-                c.ownership * c.enrolment,
-                c.power_w.unwrap_or(class.profile().power_w_typical),
-            ));
+            let class =
+                ApplianceClass::from_name(name).ok_or_else(|| format!("population.classes.{name}: unknown class"))?;
+            classes.push((class, c.ownership * c.enrolment, c.power_w.unwrap_or(class.profile().power_w_typical)));
         }
         let mut households = Vec::with_capacity(spec.n_households as usize);
         let mut appliances = Vec::new();
@@ -77,12 +69,7 @@ impl Population {
                 own = Some(x);
             };
             if rng.gen_bool(l.quiet_night_share) {
-                set(&|x| {
-                    x.quiet_windows = vec![QuietWindow {
-                        start_min: 22 * 60,
-                        end_min: 7 * 60,
-                    }]
-                });
+                set(&|x| x.quiet_windows = vec![QuietWindow { start_min: 22 * 60, end_min: 7 * 60 }]);
             }
             if rng.gen_bool(l.never_share) {
                 set(&|x| x.never = true);
@@ -113,10 +100,7 @@ impl Population {
                 override_propensity: spec.override_propensity,
             });
         }
-        Ok(Self {
-            households,
-            appliances,
-        })
+        Ok(Self { households, appliances })
     }
 }
 
@@ -130,15 +114,7 @@ mod tests {
         let spec = PopulationSpec {
             n_households: 500,
             regions: [("_A".to_string(), 1.0), ("_C".to_string(), 3.0)].into(),
-            classes: [(
-                "fridge".to_string(),
-                ClassSpec {
-                    ownership: 0.9,
-                    enrolment: 0.5,
-                    power_w: None,
-                },
-            )]
-            .into(),
+            classes: [("fridge".to_string(), ClassSpec { ownership: 0.9, enrolment: 0.5, power_w: None })].into(),
             limits: LimitsSpec::default(),
             override_propensity: 0.1,
         };
@@ -148,11 +124,7 @@ mod tests {
         assert_ne!(a, Population::generate(&spec, &set, 8).unwrap());
         let n = a.appliances.len() as f64;
         assert!((n - 225.0).abs() < 60.0, "{n} fridges enrolled");
-        let in_c = a
-            .households
-            .iter()
-            .filter(|h| h.region == set.lookup("_C").unwrap())
-            .count();
+        let in_c = a.households.iter().filter(|h| h.region == set.lookup("_C").unwrap()).count();
         assert!(in_c > 300, "{in_c} of 500 in the 3:1 region");
     }
 }

@@ -11,18 +11,11 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {key}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Invalid { path: PathBuf, key: String, reason: String },
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -83,12 +76,7 @@ pub struct LimitsSpec {
 
 impl Default for LimitsSpec {
     fn default() -> Self {
-        Self {
-            custom_share: 0.2,
-            never_share: 0.02,
-            paused_share: 0.03,
-            quiet_night_share: 0.2,
-        }
+        Self { custom_share: 0.2, never_share: 0.02, paused_share: 0.03, quiet_night_share: 0.2 }
     }
 }
 
@@ -117,13 +105,7 @@ pub enum EventSpec {
         share: f64,
     },
     /// A sudden loss of `lost_mw` nationally at `at`, lasting `minutes`, scaled to the population.
-    Trip {
-        regions: Vec<String>,
-        at: String,
-        lost_mw: f64,
-        minutes: u32,
-        deferral_min_max: u32,
-    },
+    Trip { regions: Vec<String>, at: String, lost_mw: f64, minutes: u32, deferral_min_max: u32 },
 }
 
 fn one() -> f64 {
@@ -143,39 +125,26 @@ pub struct RunSpec {
 
 impl Default for RunSpec {
     fn default() -> Self {
-        Self {
-            speed: 60.0,
-            gateways: 4,
-            tail_min: 45,
-        }
+        Self { speed: 60.0, gateways: 4, tail_min: 45 }
     }
 }
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.into(), source })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ScenarioError> {
-        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let s: Scenario =
+            toml::from_str(text).map_err(|e| ScenarioError::Parse { path: path.into(), message: e.to_string() })?;
         s.validate(path)?;
         Ok(s)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ScenarioError> {
         let bad = |key: &str, reason: &str| {
-            Err(ScenarioError::Invalid {
-                path: path.into(),
-                key: key.into(),
-                reason: reason.into(),
-            })
+            Err(ScenarioError::Invalid { path: path.into(), key: key.into(), reason: reason.into() })
         };
         if self.version != FORMAT_VERSION {
             return bad("version", "must be 1");
@@ -188,29 +157,17 @@ impl Scenario {
             || p.regions.values().any(|s| !s.is_finite() || *s < 0.0)
             || p.regions.values().sum::<f64>() <= 0.0
         {
-            return bad(
-                "population.regions",
-                "need at least one region with a positive share",
-            );
+            return bad("population.regions", "need at least one region with a positive share");
         }
         for (name, c) in &p.classes {
             if ApplianceClass::from_name(name).is_none() {
-                return bad(
-                    &format!("population.classes.{name}"),
-                    "unknown appliance class",
-                );
+                return bad(&format!("population.classes.{name}"), "unknown appliance class");
             }
             if !(0.0..=1.0).contains(&c.ownership) || !(0.0..=1.0).contains(&c.enrolment) {
-                return bad(
-                    &format!("population.classes.{name}"),
-                    "ownership and enrolment must be in 0..=1",
-                );
+                return bad(&format!("population.classes.{name}"), "ownership and enrolment must be in 0..=1");
             }
             if c.power_w.is_some_and(|w| w == 0 || w > 20_000) {
-                return bad(
-                    &format!("population.classes.{name}.power_w"),
-                    "must be 1..=20000",
-                );
+                return bad(&format!("population.classes.{name}.power_w"), "must be 1..=20000");
             }
         }
         let l = &p.limits;
@@ -272,33 +229,15 @@ deferral_min_max = 20
         let cases = [
             (GOOD.replace("version = 1", "version = 2"), "version"),
             (GOOD.replace("seed = 1", "seed = 1\ncolour = 3"), "colour"),
-            (
-                GOOD.replace("n_households = 10", "n_households = 0"),
-                "population.n_households",
-            ),
-            (
-                GOOD.replace("[population.classes.fridge]", "[population.classes.kettle]"),
-                "population.classes.kettle",
-            ),
-            (
-                GOOD.replace("ownership = 1.0", "ownership = 1.5"),
-                "population.classes.fridge",
-            ),
-            (
-                GOOD.replace("override_propensity = 0.1", "override_propensity = -1"),
-                "population.override_propensity",
-            ),
-            (
-                GOOD.replace("kind = \"explicit\"", "kind = \"meteor\""),
-                "meteor",
-            ),
+            (GOOD.replace("n_households = 10", "n_households = 0"), "population.n_households"),
+            (GOOD.replace("[population.classes.fridge]", "[population.classes.kettle]"), "population.classes.kettle"),
+            (GOOD.replace("ownership = 1.0", "ownership = 1.5"), "population.classes.fridge"),
+            (GOOD.replace("override_propensity = 0.1", "override_propensity = -1"), "population.override_propensity"),
+            (GOOD.replace("kind = \"explicit\"", "kind = \"meteor\""), "meteor"),
         ];
         for (text, key) in cases {
             let err = Scenario::parse(&text, path).unwrap_err().to_string();
-            assert!(
-                err.contains(key) && err.starts_with("t.toml"),
-                "{key}: {err}"
-            );
+            assert!(err.contains(key) && err.starts_with("t.toml"), "{key}: {err}");
         }
     }
 }

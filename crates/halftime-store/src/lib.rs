@@ -6,9 +6,7 @@
 //! durable when it returns. Values are postcard-encoded; a value that fails to decode is an error naming its
 //! table, never a panic.
 
-use halftime_core::{
-    Appliance, EventId, EventRecord, HouseholdId, Limits, Outcome, Reservation, SignedCommand,
-};
+use halftime_core::{Appliance, EventId, EventRecord, HouseholdId, Limits, Outcome, Reservation, SignedCommand};
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,10 +30,7 @@ const SCHEMA_VERSION: &[u8] = b"1";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store at {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: Box<redb::DatabaseError>,
-    },
+    Open { path: PathBuf, source: Box<redb::DatabaseError> },
     #[error("store: {0}")]
     Db(Box<redb::Error>),
     #[error("store table {table}: undecodable value: {reason}")]
@@ -43,10 +38,7 @@ pub enum StoreError {
     #[error("store: encode: {0}")]
     Encode(String),
     #[error("store: data directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("store: schema version {found:?} is not {SCHEMA_VERSION:?}")]
     Schema { found: String },
 }
@@ -60,12 +52,7 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -91,24 +78,16 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Decode {
-        table,
-        reason: e.to_string(),
-    })
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Decode { table, reason: e.to_string() })
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
         let path = dir.join("halftime.redb");
-        let db = Database::create(&path).map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source: Box::new(source),
-        })?;
+        let db = Database::create(&path)
+            .map_err(|source| StoreError::Open { path: path.clone(), source: Box::new(source) })?;
         let w = db.begin_write()?;
         {
             let mut meta = w.open_table(META)?;
@@ -119,9 +98,7 @@ impl Store {
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
                 Some(v) => {
-                    return Err(StoreError::Schema {
-                        found: String::from_utf8_lossy(&v).into_owned(),
-                    });
+                    return Err(StoreError::Schema { found: String::from_utf8_lossy(&v).into_owned() });
                 }
             }
             w.open_table(APPLIANCES)?;
@@ -141,10 +118,10 @@ impl Store {
         match meta.get(META_SIGNING_SEED)? {
             None => Ok(None),
             Some(v) => {
-                let seed: [u8; 32] = v.value().try_into().map_err(|_| StoreError::Decode {
-                    table: "meta",
-                    reason: "signing seed is not 32 bytes".into(),
-                })?;
+                let seed: [u8; 32] = v
+                    .value()
+                    .try_into()
+                    .map_err(|_| StoreError::Decode { table: "meta", reason: "signing seed is not 32 bytes".into() })?;
                 Ok(Some(seed))
             }
         }
@@ -152,8 +129,7 @@ impl Store {
 
     pub fn set_signing_seed(&self, seed: &[u8; 32]) -> Result<()> {
         let w = self.db.begin_write()?;
-        w.open_table(META)?
-            .insert(META_SIGNING_SEED, seed.as_slice())?;
+        w.open_table(META)?.insert(META_SIGNING_SEED, seed.as_slice())?;
         w.commit()?;
         Ok(())
     }
@@ -176,8 +152,7 @@ impl Store {
 
     pub fn set_counter_hwm(&self, hwm: u64) -> Result<()> {
         let w = self.db.begin_write()?;
-        w.open_table(META)?
-            .insert(META_COUNTER_HWM, hwm.to_be_bytes().as_slice())?;
+        w.open_table(META)?.insert(META_COUNTER_HWM, hwm.to_be_bytes().as_slice())?;
         w.commit()?;
         Ok(())
     }
@@ -208,8 +183,7 @@ impl Store {
 
     pub fn put_limits(&self, household: HouseholdId, limits: &Limits) -> Result<()> {
         let w = self.db.begin_write()?;
-        w.open_table(LIMITS)?
-            .insert(household.0, encode(limits)?.as_slice())?;
+        w.open_table(LIMITS)?.insert(household.0, encode(limits)?.as_slice())?;
         w.commit()?;
         Ok(())
     }
@@ -220,10 +194,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
-            out.push((
-                HouseholdId(k.value()),
-                decode("household_limits", v.value())?,
-            ));
+            out.push((HouseholdId(k.value()), decode("household_limits", v.value())?));
         }
         Ok(out)
     }
@@ -232,10 +203,8 @@ impl Store {
     pub fn put_event(&self, record: &EventRecord) -> Result<()> {
         let w = self.db.begin_write()?;
         {
-            w.open_table(EVENTS)?
-                .insert(record.id.0, encode(record)?.as_slice())?;
-            w.open_table(IDEMPOTENCY)?
-                .insert(record.spec.idempotency_key.as_str(), record.id.0)?;
+            w.open_table(EVENTS)?.insert(record.id.0, encode(record)?.as_slice())?;
+            w.open_table(IDEMPOTENCY)?.insert(record.spec.idempotency_key.as_str(), record.id.0)?;
         }
         w.commit()?;
         Ok(())
@@ -260,26 +229,16 @@ impl Store {
 
     /// Makes a dispatch durable: its reservations, its signed commands and the counter high-water mark, in one
     /// transaction. Commands may leave only after this returns.
-    pub fn put_dispatch(
-        &self,
-        event: EventId,
-        seq: u32,
-        dispatch: &Dispatch,
-        counter_hwm: u64,
-    ) -> Result<()> {
+    pub fn put_dispatch(&self, event: EventId, seq: u32, dispatch: &Dispatch, counter_hwm: u64) -> Result<()> {
         let w = self.db.begin_write()?;
         {
-            w.open_table(DISPATCHES)?
-                .insert((event.0, seq), encode(dispatch)?.as_slice())?;
+            w.open_table(DISPATCHES)?.insert((event.0, seq), encode(dispatch)?.as_slice())?;
             let mut meta = w.open_table(META)?;
             let current = match meta.get(META_COUNTER_HWM)? {
                 Some(v) => v.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
                 None => 0,
             };
-            meta.insert(
-                META_COUNTER_HWM,
-                current.max(counter_hwm).to_be_bytes().as_slice(),
-            )?;
+            meta.insert(META_COUNTER_HWM, current.max(counter_hwm).to_be_bytes().as_slice())?;
         }
         w.commit()?;
         Ok(())
@@ -302,10 +261,7 @@ impl Store {
     pub fn next_dispatch_seq(&self, event: EventId) -> Result<u32> {
         let r = self.db.begin_read()?;
         let t = r.open_table(DISPATCHES)?;
-        let last = t
-            .range((event.0, 0)..=(event.0, u32::MAX))?
-            .next_back()
-            .transpose()?;
+        let last = t.range((event.0, 0)..=(event.0, u32::MAX))?.next_back().transpose()?;
         Ok(last.map(|(k, _)| k.value().1 + 1).unwrap_or(0))
     }
 
@@ -378,42 +334,16 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             s.set_signing_seed(&[3; 32]).unwrap();
             s.put_appliances(&[appliance]).unwrap();
-            s.put_limits(HouseholdId(9), &Limits::system_default())
-                .unwrap();
-            s.put_dispatch(
-                EventId(1),
-                0,
-                &Dispatch {
-                    reservations: vec![reservation],
-                    commands: vec![],
-                },
-                77,
-            )
-            .unwrap();
-            s.put_dispatch(
-                EventId(1),
-                1,
-                &Dispatch {
-                    reservations: vec![],
-                    commands: vec![],
-                },
-                50,
-            )
-            .unwrap();
+            s.put_limits(HouseholdId(9), &Limits::system_default()).unwrap();
+            s.put_dispatch(EventId(1), 0, &Dispatch { reservations: vec![reservation], commands: vec![] }, 77).unwrap();
+            s.put_dispatch(EventId(1), 1, &Dispatch { reservations: vec![], commands: vec![] }, 50).unwrap();
             s.append_outcomes(&[outcome, outcome]).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.signing_seed().unwrap(), Some([3; 32]));
         assert_eq!(s.appliances().unwrap(), vec![appliance]);
-        assert_eq!(
-            s.limits().unwrap(),
-            vec![(HouseholdId(9), Limits::system_default())]
-        );
-        assert_eq!(
-            s.counter_hwm().unwrap(),
-            77,
-            "the high-water mark never goes down"
-        );
+        assert_eq!(s.limits().unwrap(), vec![(HouseholdId(9), Limits::system_default())]);
+        assert_eq!(s.counter_hwm().unwrap(), 77, "the high-water mark never goes down");
         let d = s.dispatches().unwrap();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].2.reservations, vec![reservation]);
@@ -427,17 +357,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let w = s.db.begin_write().unwrap();
-        w.open_table(APPLIANCES)
-            .unwrap()
-            .insert(1, [0xff_u8, 0xff, 0xff].as_slice())
-            .unwrap();
+        w.open_table(APPLIANCES).unwrap().insert(1, [0xff_u8, 0xff, 0xff].as_slice()).unwrap();
         w.commit().unwrap();
-        assert!(matches!(
-            s.appliances(),
-            Err(StoreError::Decode {
-                table: "appliances",
-                ..
-            })
-        ));
+        assert!(matches!(s.appliances(), Err(StoreError::Decode { table: "appliances", .. })));
     }
 }

@@ -124,8 +124,7 @@ impl Default for HeadEndSection {
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
@@ -145,14 +144,8 @@ impl Config {
 
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         let e = &self.engine;
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&e.rebound_fraction_max),
-            "engine.rebound_fraction_max: must be in 0..=1"
-        );
-        anyhow::ensure!(
-            e.fairness_window_days >= 1,
-            "engine.fairness_window_days: must be >= 1"
-        );
+        anyhow::ensure!((0.0..=1.0).contains(&e.rebound_fraction_max), "engine.rebound_fraction_max: must be in 0..=1");
+        anyhow::ensure!(e.fairness_window_days >= 1, "engine.fairness_window_days: must be >= 1");
         anyhow::ensure!(
             e.retention_days >= e.fairness_window_days,
             "engine.retention_days: must be >= fairness_window_days"
@@ -161,22 +154,10 @@ impl Config {
             e.randomize_start_s <= 600,
             "engine.randomize_start_s: must be 0..=600 (GB EV rules: 10 minutes)"
         );
-        anyhow::ensure!(
-            e.release_over_min_default <= 30,
-            "engine.release_over_min_default: must be 0..=30"
-        );
-        anyhow::ensure!(
-            (10..=10_000).contains(&e.tick_interval_ms),
-            "engine.tick_interval_ms: must be 10..=10000"
-        );
-        anyhow::ensure!(
-            self.headend.link_queue_batches > 0,
-            "headend.link_queue_batches: must be > 0"
-        );
-        anyhow::ensure!(
-            self.headend.retry_interval_ms > 0,
-            "headend.retry_interval_ms: must be > 0"
-        );
+        anyhow::ensure!(e.release_over_min_default <= 30, "engine.release_over_min_default: must be 0..=30");
+        anyhow::ensure!((10..=10_000).contains(&e.tick_interval_ms), "engine.tick_interval_ms: must be 10..=10000");
+        anyhow::ensure!(self.headend.link_queue_batches > 0, "headend.link_queue_batches: must be > 0");
+        anyhow::ensure!(self.headend.retry_interval_ms > 0, "headend.retry_interval_ms: must be > 0");
         let system_caps = Limits {
             events_per_day_max: self.caps.events_per_day_max,
             deferred_min_per_day_max: self.caps.deferred_min_per_day_max,
@@ -206,10 +187,7 @@ impl Config {
         let set = self.region_set()?;
         let mut ops = halftime_server::Operators::default();
         for (i, o) in self.operators.iter().enumerate() {
-            anyhow::ensure!(
-                o.token.len() >= 16,
-                "operators[{i}].token: must be at least 16 characters"
-            );
+            anyhow::ensure!(o.token.len() >= 16, "operators[{i}].token: must be at least 16 characters");
             let regions = if o.regions.is_empty() {
                 None
             } else {
@@ -217,20 +195,12 @@ impl Config {
                     o.regions
                         .iter()
                         .map(|r| {
-                            set.lookup(r).ok_or_else(|| {
-                                anyhow::anyhow!("operators[{i}].regions: unknown region {r:?}")
-                            })
+                            set.lookup(r).ok_or_else(|| anyhow::anyhow!("operators[{i}].regions: unknown region {r:?}"))
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?,
                 )
             };
-            ops.grants.insert(
-                o.token.clone(),
-                Grant {
-                    regions,
-                    target_w_max: o.target_mw_max * 1e6,
-                },
-            );
+            ops.grants.insert(o.token.clone(), Grant { regions, target_w_max: o.target_mw_max * 1e6 });
         }
         Ok(ops)
     }

@@ -45,12 +45,9 @@ pub async fn import_csv(path: &Path, server: &str) -> anyhow::Result<(u64, u64)>
         let next = rows.next();
         if let Some(row) = next.as_ref() {
             line += 1;
-            let row = row
-                .as_ref()
-                .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
-            let class = ApplianceClass::from_name(&row.class).ok_or_else(|| {
-                anyhow::anyhow!("{}:{line}: class: unknown {:?}", path.display(), row.class)
-            })?;
+            let row = row.as_ref().map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
+            let class = ApplianceClass::from_name(&row.class)
+                .ok_or_else(|| anyhow::anyhow!("{}:{line}: class: unknown {:?}", path.display(), row.class))?;
             batch.push(pb::Appliance {
                 appliance_id: row.appliance_id,
                 household_id: row.household_id,
@@ -73,10 +70,7 @@ pub async fn import_csv(path: &Path, server: &str) -> anyhow::Result<(u64, u64)>
             let mut c = client.clone();
             let appliances = std::mem::take(&mut batch);
             tasks.spawn(async move {
-                let r = c
-                    .enrol_appliances(pb::EnrolAppliancesRequest { appliances })
-                    .await?
-                    .into_inner();
+                let r = c.enrol_appliances(pb::EnrolAppliancesRequest { appliances }).await?.into_inner();
                 Ok((r.n_enrolled, r.n_updated))
             });
         }

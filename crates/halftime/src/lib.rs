@@ -26,9 +26,7 @@ pub struct Running {
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("Running").field("addr", &self.addr).finish_non_exhaustive()
     }
 }
 
@@ -40,15 +38,18 @@ impl Running {
     /// Stops serving: lets open calls finish for a few seconds, then drops what remains (long-lived device
     /// streams and watchers).
     pub async fn stop(mut self) {
+        // Device links and watchers end when the engine says it is stopping; then the server drains.
+        self.engine.shutdown().await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if tokio::time::timeout(STOP_GRACE, &mut self.server)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(STOP_GRACE, &mut self.server).await.is_err() {
             self.server.abort();
+            let _ = (&mut self.server).await;
         }
+        let engine = self.engine.clone();
+        drop(self);
+        engine.close(STOP_GRACE).await;
     }
 }
 
@@ -59,12 +60,8 @@ pub async fn start(
     addr: SocketAddr,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Running> {
-    let engine = Engine::open(config.engine_config()?, data_dir, clock)
-        .await
-        .context("opening the engine")?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let engine = Engine::open(config.engine_config()?, data_dir, clock).await.context("opening the engine")?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let operators = config.operators()?;
@@ -78,10 +75,5 @@ pub async fn start(
             tracing::error!(error = %err, "gRPC server stopped");
         }
     });
-    Ok(Running {
-        engine,
-        addr,
-        shutdown: Some(tx),
-        server,
-    })
+    Ok(Running { engine, addr, shutdown: Some(tx), server })
 }

@@ -8,11 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(
-    name = "halftime",
-    version,
-    about = "Demand-response coordination engine"
-)]
+#[command(name = "halftime", version, about = "Demand-response coordination engine")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -62,10 +58,7 @@ enum ScenarioCommand {
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 #[tokio::main]
@@ -79,8 +72,7 @@ async fn main() -> anyhow::Result<()> {
             };
             init_tracing(&config.log);
             if !config.metrics_addr.is_empty() {
-                let addr: std::net::SocketAddr =
-                    config.metrics_addr.parse().context("metrics_addr")?;
+                let addr: std::net::SocketAddr = config.metrics_addr.parse().context("metrics_addr")?;
                 metrics_exporter_prometheus::PrometheusBuilder::new()
                     .with_http_listener(addr)
                     .install()
@@ -90,18 +82,8 @@ async fn main() -> anyhow::Result<()> {
             if config.operators.is_empty() {
                 tracing::warn!("no operators configured: GridOperator calls are not authenticated");
             }
-            let running = halftime::start(
-                &config,
-                &config.data_dir,
-                config.grpc_addr,
-                Arc::new(SystemClock),
-            )
-            .await?;
-            println!(
-                "halftime serving on {} (data in {})",
-                running.url(),
-                config.data_dir.display()
-            );
+            let running = halftime::start(&config, &config.data_dir, config.grpc_addr, Arc::new(SystemClock)).await?;
+            println!("halftime serving on {} (data in {})", running.url(), config.data_dir.display());
             println!(
                 "engine signing key id {} public key {}",
                 running.engine.key_id(),
@@ -111,39 +93,18 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             running.stop().await;
         }
-        Command::Scenario {
-            command:
-                ScenarioCommand::Run {
-                    scenario,
-                    server,
-                    trust_key,
-                    data_dir,
-                    speed,
-                },
-        } => {
+        Command::Scenario { command: ScenarioCommand::Run { scenario, server, trust_key, data_dir, speed } } => {
             init_tracing("warn");
-            let opts = halftime::scenario::RunOptions {
-                server,
-                trust_key,
-                data_dir,
-                speed,
-            };
+            let opts = halftime::scenario::RunOptions { server, trust_key, data_dir, speed };
             let mut stdout = std::io::stdout();
             let report = halftime::scenario::run(&scenario, opts, &mut stdout).await?;
-            anyhow::ensure!(
-                report.violations == 0,
-                "{} limit violations",
-                report.violations
-            );
+            anyhow::ensure!(report.violations == 0, "{} limit violations", report.violations);
         }
         Command::Import { csv, server } => {
             init_tracing("warn");
             let t0 = std::time::Instant::now();
             let (enrolled, updated) = halftime::import::import_csv(&csv, &server).await?;
-            println!(
-                "{enrolled} enrolled, {updated} updated in {:.2} s",
-                t0.elapsed().as_secs_f64()
-            );
+            println!("{enrolled} enrolled, {updated} updated in {:.2} s", t0.elapsed().as_secs_f64());
         }
     }
     Ok(())

@@ -77,28 +77,14 @@ fn plan_events(s: &Scenario, dir: &Path) -> anyhow::Result<Vec<PlannedEvent>> {
     for (i, e) in s.events.iter().enumerate() {
         let key = |k: &str| format!("event[{i}].{k}");
         out.push(match e {
-            EventSpec::Explicit {
-                regions,
-                start,
-                target_mw,
-                deferral_min_max,
-            } => PlannedEvent {
+            EventSpec::Explicit { regions, start, target_mw, deferral_min_max } => PlannedEvent {
                 regions: regions.clone(),
                 start_unix_ms: parse_utc(start).with_context(|| key("start"))?,
                 target_mw: target_mw.clone(),
                 deferral_min_max: *deferral_min_max,
             },
-            EventSpec::Pickup {
-                regions,
-                data,
-                event_id,
-                from,
-                to,
-                deferral_min_max,
-                share: mult,
-            } => {
-                let samples =
-                    demand::load_pickup(&dir.join(data), event_id).with_context(|| key("data"))?;
+            EventSpec::Pickup { regions, data, event_id, from, to, deferral_min_max, share: mult } => {
+                let samples = demand::load_pickup(&dir.join(data), event_id).with_context(|| key("data"))?;
                 let from = parse_utc(from).with_context(|| key("from"))?;
                 let to = parse_utc(to).with_context(|| key("to"))?;
                 let rise = demand::pickup_rise_mw(&samples, from, to);
@@ -110,13 +96,7 @@ fn plan_events(s: &Scenario, dir: &Path) -> anyhow::Result<Vec<PlannedEvent>> {
                     deferral_min_max: *deferral_min_max,
                 }
             }
-            EventSpec::Trip {
-                regions,
-                at,
-                lost_mw,
-                minutes,
-                deferral_min_max,
-            } => PlannedEvent {
+            EventSpec::Trip { regions, at, lost_mw, minutes, deferral_min_max } => PlannedEvent {
                 regions: regions.clone(),
                 start_unix_ms: parse_utc(at).with_context(|| key("at"))?,
                 target_mw: vec![lost_mw * share; *minutes as usize],
@@ -129,11 +109,7 @@ fn plan_events(s: &Scenario, dir: &Path) -> anyhow::Result<Vec<PlannedEvent>> {
 }
 
 /// Runs a scenario, printing per-minute rows to `out`.
-pub async fn run(
-    path: &Path,
-    opts: RunOptions,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<RunReport> {
+pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<RunReport> {
     let scenario = Scenario::load(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut events = plan_events(&scenario, dir)?;
@@ -143,56 +119,41 @@ pub async fn run(
     config.engine.tick_interval_ms = ((2_000.0 / speed) as u64).clamp(10, 200);
     let regions = config.region_set()?;
     let system_caps = config.engine_config()?.system_caps;
-    let population = Population::generate(&scenario.population, &regions, scenario.seed)
-        .map_err(anyhow::Error::msg)?;
+    let population = Population::generate(&scenario.population, &regions, scenario.seed).map_err(anyhow::Error::msg)?;
 
     // The engine: in-process on a loopback port in virtual time, or a remote one in real time.
     let first_start = events.first().map(|e| e.start_unix_ms).unwrap_or(0);
     let tmp;
-    let (clock, running, url, trusted): (
-        Arc<dyn Clock>,
-        Option<crate::Running>,
-        String,
-        TrustedKeys,
-    ) = match &opts.server {
-        None => {
-            let clock: Arc<dyn Clock> =
-                Arc::new(ScaledClock::new(first_start - 2 * MS_PER_MIN, speed));
-            let data_dir = match &opts.data_dir {
-                Some(d) => d.clone(),
-                None => {
-                    tmp = tempfile::tempdir()?;
-                    tmp.path().to_path_buf()
-                }
-            };
-            let r = crate::start(
-                &config,
-                &data_dir,
-                "127.0.0.1:0".parse()?,
-                Arc::clone(&clock),
-            )
-            .await?;
-            let mut trusted = TrustedKeys::new();
-            trusted.add(r.engine.public_key())?;
-            let url = r.url();
-            (clock, Some(r), url, trusted)
-        }
-        Some(server) => {
-            let key = opts
-                .trust_key
-                .as_deref()
-                .context("--trust-key is required with --server")?;
-            let mut trusted = TrustedKeys::new();
-            trusted.add_hex(key)?;
-            // A remote engine runs in real time: replay the events' shape starting two minutes from now.
-            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-            let shift = clock.now_unix_ms() + 2 * MS_PER_MIN - first_start;
-            for e in &mut events {
-                e.start_unix_ms += shift;
+    let (clock, running, url, trusted): (Arc<dyn Clock>, Option<crate::Running>, String, TrustedKeys) =
+        match &opts.server {
+            None => {
+                let clock: Arc<dyn Clock> = Arc::new(ScaledClock::new(first_start - 2 * MS_PER_MIN, speed));
+                let data_dir = match &opts.data_dir {
+                    Some(d) => d.clone(),
+                    None => {
+                        tmp = tempfile::tempdir()?;
+                        tmp.path().to_path_buf()
+                    }
+                };
+                let r = crate::start(&config, &data_dir, "127.0.0.1:0".parse()?, Arc::clone(&clock)).await?;
+                let mut trusted = TrustedKeys::new();
+                trusted.add(r.engine.public_key())?;
+                let url = r.url();
+                (clock, Some(r), url, trusted)
             }
-            (clock, None, server.clone(), trusted)
-        }
-    };
+            Some(server) => {
+                let key = opts.trust_key.as_deref().context("--trust-key is required with --server")?;
+                let mut trusted = TrustedKeys::new();
+                trusted.add_hex(key)?;
+                // A remote engine runs in real time: replay the events' shape starting two minutes from now.
+                let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+                let shift = clock.now_unix_ms() + 2 * MS_PER_MIN - first_start;
+                for e in &mut events {
+                    e.start_unix_ms += shift;
+                }
+                (clock, None, server.clone(), trusted)
+            }
+        };
     writeln!(
         out,
         "scenario {} (seed {}): {} households, {} appliances enrolled, {} events, engine {url}, {speed}x",
@@ -203,18 +164,7 @@ pub async fn run(
         events.len()
     )?;
 
-    let result = drive(
-        &scenario,
-        &population,
-        &regions,
-        &events,
-        &system_caps,
-        &clock,
-        &url,
-        &trusted,
-        out,
-    )
-    .await;
+    let result = drive(&scenario, &population, &regions, &events, &system_caps, &clock, &url, &trusted, out).await;
     if let Some(r) = running {
         r.stop().await;
     }
@@ -234,13 +184,8 @@ async fn drive(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<RunReport> {
     // Enrol the population as households would, and their own limits.
-    let mut household = HouseholdClient::connect(url.to_string())
-        .await?
-        .max_encoding_message_size(64 * 1024 * 1024);
-    for chunk in population
-        .appliances
-        .chunks(halftime_server::ENROL_BATCH_MAX)
-    {
+    let mut household = HouseholdClient::connect(url.to_string()).await?.max_encoding_message_size(64 * 1024 * 1024);
+    for chunk in population.appliances.chunks(halftime_server::ENROL_BATCH_MAX) {
         let appliances = chunk
             .iter()
             .map(|a| pb::Appliance {
@@ -254,21 +199,12 @@ async fn drive(
                 override_rate_permille: u32::from(a.override_rate_permille),
             })
             .collect();
-        household
-            .enrol_appliances(pb::EnrolAppliancesRequest { appliances })
-            .await?;
+        household.enrol_appliances(pb::EnrolAppliancesRequest { appliances }).await?;
     }
-    let enrolled: HashSet<u64> = population
-        .appliances
-        .iter()
-        .map(|a| a.household.0)
-        .collect();
+    let enrolled: HashSet<u64> = population.appliances.iter().map(|a| a.household.0).collect();
     let mut limits_of: HashMap<u64, Limits> = HashMap::new();
     for h in &population.households {
-        let effective = h
-            .own_limits
-            .as_ref()
-            .map_or_else(|| system_caps.clone(), |l| l.tighter(system_caps));
+        let effective = h.own_limits.as_ref().map_or_else(|| system_caps.clone(), |l| l.tighter(system_caps));
         limits_of.insert(h.id.0, effective);
         if let (Some(l), true) = (&h.own_limits, enrolled.contains(&h.id.0)) {
             household
@@ -285,11 +221,8 @@ async fn drive(
     let (override_tx, mut override_rx) = tokio::sync::mpsc::channel(65_536);
     let n_gateways = (scenario.run.gateways as usize).min(population.appliances.len().max(1));
     let mut gateway_of: HashMap<ApplianceId, usize> = HashMap::new();
-    let override_of: HashMap<u64, f64> = population
-        .households
-        .iter()
-        .map(|h| (h.id.0, h.override_propensity))
-        .collect();
+    let override_of: HashMap<u64, f64> =
+        population.households.iter().map(|h| (h.id.0, h.override_propensity)).collect();
     let mut behind: Vec<Vec<&halftime_core::Appliance>> = vec![Vec::new(); n_gateways];
     for (i, a) in population.appliances.iter().enumerate() {
         gateway_of.insert(a.id, i % n_gateways);
@@ -315,36 +248,27 @@ async fn drive(
                 override_tx.clone(),
             );
             // The maker's own caps: its longest safe deferral, and no daily cap tighter than the engine's.
-            let policy = DevicePolicy {
-                deferral_s_max: u32::from(a.deferral_min_max) * 60,
-                deferred_s_per_day_max: 24 * 3600,
-            };
+            let policy =
+                DevicePolicy { deferral_s_max: u32::from(a.deferral_min_max) * 60, deferred_s_per_day_max: 24 * 3600 };
             b.device(a.id, policy, 0, Arc::new(sim))
         })
     });
     let mut links: Vec<LinkHandle> = builders.map(LinkBuilder::spawn).collect();
     for l in &mut links {
-        tokio::time::timeout(Duration::from_secs(30), l.wait_connected())
-            .await
-            .context("gateway did not connect")?;
+        tokio::time::timeout(Duration::from_secs(30), l.wait_connected()).await.context("gateway did not connect")?;
     }
     let links = Arc::new(links);
 
     // Households overriding at the moment they chose.
     let overrides_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let override_task = {
-        let (links, clock, sent) = (
-            Arc::clone(&links),
-            Arc::clone(clock),
-            Arc::clone(&overrides_sent),
-        );
+        let (links, clock, sent) = (Arc::clone(&links), Arc::clone(clock), Arc::clone(&overrides_sent));
         tokio::spawn(async move {
             while let Some((device, at)) = override_rx.recv().await {
                 let Some(&g) = gateway_of.get(&device) else {
                     continue;
                 };
-                let (links, clock, sent) =
-                    (Arc::clone(&links), Arc::clone(&clock), Arc::clone(&sent));
+                let (links, clock, sent) = (Arc::clone(&links), Arc::clone(&clock), Arc::clone(&sent));
                 tokio::spawn(async move {
                     tokio::time::sleep(real_duration(&*clock, at - clock.now_unix_ms())).await;
                     if links[g].override_now(device).await {
@@ -366,11 +290,8 @@ async fn drive(
         ..RunReport::default()
     };
     let first = events.first().map(|e| e.start_unix_ms).unwrap_or(0);
-    let last_end = events
-        .iter()
-        .map(|e| e.start_unix_ms + e.target_mw.len() as i64 * MS_PER_MIN)
-        .max()
-        .unwrap_or(first);
+    let last_end =
+        events.iter().map(|e| e.start_unix_ms + e.target_mw.len() as i64 * MS_PER_MIN).max().unwrap_or(first);
     let end = last_end + i64::from(scenario.run.tail_min) * MS_PER_MIN;
     let mut pending: Vec<(usize, &PlannedEvent)> = events.iter().enumerate().collect();
     pending.reverse();
@@ -378,14 +299,7 @@ async fn drive(
     writeln!(
         out,
         "{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10}",
-        "minute (UTC)",
-        "target MW",
-        "expected",
-        "delivered",
-        "applied",
-        "households",
-        "overrides",
-        "violations"
+        "minute (UTC)", "target MW", "expected", "delivered", "applied", "households", "overrides", "violations"
     )?;
     let mut minute = first;
     while minute < end {
@@ -422,25 +336,13 @@ async fn drive(
                 plan.lp_solve_us as f64 / 1e3,
                 plan.shortfall_kw.iter().sum::<f64>() / 1e3 / 60.0,
             )?;
-            plans.push((
-                plan.start_unix_ms,
-                plan.target_kw.clone(),
-                plan.expected_kw.clone(),
-            ));
+            plans.push((plan.start_unix_ms, plan.target_kw.clone(), plan.expected_kw.clone()));
             report.events.push((r.event_id, plan));
-            let mut stream = operator
-                .watch_event(pb::WatchEventRequest {
-                    event_id: r.event_id,
-                })
-                .await?
-                .into_inner();
+            let mut stream = operator.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await?.into_inner();
             let progress = Arc::clone(&progress);
             tokio::spawn(async move {
                 while let Ok(Some(p)) = stream.message().await {
-                    progress
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(p.event_id, p);
+                    progress.lock().unwrap_or_else(|e| e.into_inner()).insert(p.event_id, p);
                 }
             });
         }
@@ -499,11 +401,7 @@ fn account(
 ) -> MinuteRow {
     let slot = |start: i64, v: &[f64]| -> f64 {
         let s = (minute - start).div_euclid(MS_PER_MIN);
-        if s < 0 {
-            0.0
-        } else {
-            v.get(s as usize).copied().unwrap_or(0.0)
-        }
+        if s < 0 { 0.0 } else { v.get(s as usize).copied().unwrap_or(0.0) }
     };
     let target_kw: f64 = plans.iter().map(|(s, t, _)| slot(*s, t)).sum();
     let expected_kw: f64 = plans.iter().map(|(s, _, e)| slot(*s, e)).sum();
@@ -517,13 +415,7 @@ fn account(
     let mut slots = [0.0];
     let mut households = HashSet::new();
     for a in &applied {
-        halftime_engine::add_interval(
-            &mut slots,
-            minute,
-            a.start_unix_ms,
-            a.end_unix_ms,
-            f64::from(a.reduction_w),
-        );
+        halftime_engine::add_interval(&mut slots, minute, a.start_unix_ms, a.end_unix_ms, f64::from(a.reduction_w));
         if a.start_unix_ms < minute + MS_PER_MIN && a.end_unix_ms > minute {
             households.insert(a.household);
         }
@@ -544,32 +436,26 @@ fn account(
 pub fn violations(log: &SimLog, limits_of: &HashMap<u64, Limits>) -> usize {
     let mut by_household: HashMap<u64, Vec<Reservation>> = HashMap::new();
     for a in log.applied() {
-        let deferral_s =
-            u32::try_from((a.end_unix_ms - a.start_unix_ms).max(0) / 1000).unwrap_or(u32::MAX);
+        let deferral_s = u32::try_from((a.end_unix_ms - a.start_unix_ms).max(0) / 1000).unwrap_or(u32::MAX);
         if deferral_s == 0 {
             continue;
         }
-        by_household
-            .entry(a.household.0)
-            .or_default()
-            .push(Reservation {
-                household: a.household,
-                appliance: a.device,
-                class: halftime_core::ApplianceClass::Fridge,
-                event: a.event,
-                not_before_unix_ms: a.start_unix_ms,
-                not_after_unix_ms: a.end_unix_ms,
-                deferral_s,
-                reduction_kw: a.reduction_w as f32 / 1e3,
-            });
+        by_household.entry(a.household.0).or_default().push(Reservation {
+            household: a.household,
+            appliance: a.device,
+            class: halftime_core::ApplianceClass::Fridge,
+            event: a.event,
+            not_before_unix_ms: a.start_unix_ms,
+            not_after_unix_ms: a.end_unix_ms,
+            deferral_s,
+            reduction_kw: a.reduction_w as f32 / 1e3,
+        });
     }
     by_household
         .iter()
         .map(|(h, set)| {
-            let limits = limits_of.get(h).cloned().unwrap_or_else(|| Limits {
-                never: true,
-                ..Limits::system_default()
-            });
+            let limits =
+                limits_of.get(h).cloned().unwrap_or_else(|| Limits { never: true, ..Limits::system_default() });
             audit(&limits, |_| u32::MAX, set).len()
         })
         .sum()

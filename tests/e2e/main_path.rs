@@ -1,0 +1,178 @@
+//! The main path: submit, plan, sign, deliver, verify, apply, acknowledge, watch; overrides; rejections.
+
+use crate::harness::*;
+use halftime_client::{DevicePolicy, ResumeReason};
+use halftime_engine::add_interval;
+use halftime_proto::pb;
+use std::sync::{Arc, Mutex};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_receive_verify_apply_and_watch_reports_what_they_shed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let running = start(dir.path(), clock.clone()).await;
+    let url = running.url();
+    let appliances = enrol(&url, 30).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // Two gateways; each device reports shedding its rated power.
+    let devices: Vec<(u64, u32)> = appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
+    let (left, right) = devices.split_at(devices.len() / 2);
+    let key = running.engine.public_key();
+    let mut links = vec![
+        gateway(&url, trusted(key), &clock, left, DevicePolicy::default(), 0, &log),
+        gateway(&url, trusted(key), &clock, right, DevicePolicy::default(), 0, &log),
+    ];
+    for l in &mut links {
+        l.wait_connected().await;
+    }
+
+    let mut op = operator(&url).await;
+    let r = op.submit_stress_event(submit("main-path", vec![3.0, 6.0, 6.0, 6.0, 4.0], 10)).await.unwrap().into_inner();
+    let plan = r.plan.unwrap();
+    assert!(r.event_id > 0);
+    assert!(plan.n_appliances > 0 && plan.n_households > 0 && plan.n_cohorts > 0);
+    // The plan is honest: what it expects plus what it says it cannot do covers the target in every slot.
+    // (Whether it meets the target is the planner's business, tested there; here the population is small and
+    // the rebound cap binds.)
+    for (t, target) in plan.target_kw.iter().enumerate() {
+        let (expected, shortfall) = (plan.expected_kw[t], plan.shortfall_kw[t]);
+        assert!(expected + shortfall + 1e-6 >= *target, "slot {t}: {expected} + {shortfall} kW < target {target} kW");
+    }
+
+    let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    let all_started = watch_until(&mut watch, "every device to start", |p| {
+        p.dispatched == plan.n_appliances && p.started == p.dispatched && p.acknowledged == p.dispatched
+    })
+    .await;
+    assert_eq!(all_started.rejected, 0);
+    let last = watch_until(&mut watch, "the event to complete", |p| p.completed == p.dispatched).await;
+
+    // What the devices applied, slot by slot, is what the engine says was delivered.
+    let done = log.lock().unwrap().clone();
+    assert_eq!(done.len() as u64, plan.n_appliances, "each dispatched device applied exactly one deferral");
+    let mut applied_w = vec![0.0; last.delivered_kw.len()];
+    for d in &done {
+        assert_eq!(d.resumed, Some(ResumeReason::Completed));
+        add_interval(&mut applied_w, last.start_unix_ms, d.start_unix_ms, d.end_unix_ms, f64::from(d.reduction_w));
+    }
+    for (t, (delivered_kw, applied)) in last.delivered_kw.iter().zip(&applied_w).enumerate() {
+        let applied_kw = applied / 1e3;
+        assert!(
+            (delivered_kw - applied_kw).abs() <= 0.01 * applied_kw.max(1.0),
+            "slot {t}: engine says {delivered_kw} kW, devices shed {applied_kw} kW"
+        );
+    }
+    // A household sees its own history.
+    let some = done[0].device.0 / 10;
+    let h = household(&url)
+        .await
+        .get_history(pb::GetHistoryRequest { household_id: some, limit: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!h.entries.is_empty() && h.burden_kw_min > 0.0);
+    assert!(h.entries.iter().all(|e| e.event_id == r.event_id));
+    for l in links {
+        l.shutdown().await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_mid_deferral_is_honoured_at_once_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let running = start(dir.path(), clock.clone()).await;
+    let url = running.url();
+    let appliances = enrol(&url, 20).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let devices: Vec<(u64, u32)> = appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
+    let mut link =
+        gateway(&url, trusted(running.engine.public_key()), &clock, &devices, DevicePolicy::default(), 0, &log);
+    link.wait_connected().await;
+    let mut op = operator(&url).await;
+    // A long flat target so that deferrals are well under way when the households step in.
+    let r = op.submit_stress_event(submit("override", vec![2.0; 30], 30)).await.unwrap().into_inner();
+    let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    watch_until(&mut watch, "a deferral to start", |p| p.started >= 2).await;
+    let running_now: Vec<_> = log.lock().unwrap().iter().filter(|d| d.resumed.is_none()).copied().collect();
+    assert!(running_now.len() >= 2);
+
+    // On the device: the household presses "resume now".
+    let local = running_now[0].device;
+    assert!(link.override_now(local).await);
+    let after = log.lock().unwrap().iter().find(|d| d.device == local).copied().unwrap();
+    assert_eq!(after.resumed, Some(ResumeReason::Overridden), "the appliance resumed before override_now returned");
+
+    // Through the Household API: the engine releases the other appliance's deferral.
+    let remote = running_now[1].device;
+    let n = household(&url)
+        .await
+        .r#override(pb::OverrideRequest { household_id: remote.0 / 10, appliance_id: remote.0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .n_overridden;
+    assert_eq!(n, 1);
+    let p = watch_until(&mut watch, "both overrides to be reported", |p| p.overridden >= 2).await;
+    assert!(p.overridden >= 2);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let resumed = log.lock().unwrap().iter().find(|d| d.device == remote).and_then(|d| d.resumed);
+        if resumed.is_some() {
+            assert_eq!(resumed, Some(ResumeReason::Released));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the engine's release never reached the device");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let hist = household(&url)
+        .await
+        .get_history(pb::GetHistoryRequest { household_id: remote.0 / 10, limit: 10 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(hist.entries.iter().any(|e| e.appliance_id == remote.0 && e.status == pb::DeviceStatus::Overridden as i32));
+    link.shutdown().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reject_wrong_key_and_over_cap_commands_and_the_engine_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let running = start(dir.path(), clock.clone()).await;
+    let url = running.url();
+    let appliances = enrol(&url, 10).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (first, second): (Vec<_>, Vec<_>) =
+        appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).partition(|(id, _)| (id / 10) % 2 == 0);
+    // One gateway trusts some other key; the other allows no deferral longer than 5 minutes.
+    let stranger = halftime_signer::Signer::from_seed([9; 32]).public_key();
+    let mut a = gateway(&url, trusted(stranger), &clock, &first, DevicePolicy::default(), 0, &log);
+    let tight = DevicePolicy { deferral_s_max: 5 * 60, deferred_s_per_day_max: 3600 };
+    let mut b = gateway(&url, trusted(running.engine.public_key()), &clock, &second, tight, 0, &log);
+    a.wait_connected().await;
+    b.wait_connected().await;
+    let mut op = operator(&url).await;
+    let r = op.submit_stress_event(submit("rejects", vec![3.0; 20], 20)).await.unwrap().into_inner();
+    let plan = r.plan.unwrap();
+    let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    let p = watch_until(&mut watch, "every command to be answered", |p| {
+        p.rejected + p.started == p.dispatched && p.dispatched > 0
+    })
+    .await;
+    assert_eq!(p.dispatched, plan.n_appliances);
+    // Deferrals of more than 5 minutes are refused by the tight gateway, and everything the stranger-trusting
+    // one got was refused: nothing longer than 5 minutes, and nothing at all on the first gateway, was applied.
+    let applied = log.lock().unwrap().clone();
+    assert!(p.rejected > 0);
+    assert!(
+        applied.iter().all(|d| second.iter().any(|(id, _)| *id == d.device.0)),
+        "a device that trusts another key applied a command"
+    );
+    assert!(applied.iter().all(|d| d.end_unix_ms - d.start_unix_ms <= 5 * 60_000 + 1_000));
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await;
+}
