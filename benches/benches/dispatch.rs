@@ -39,7 +39,8 @@ fn bench(c: &mut Criterion) {
                     // A fresh engine each time: households already deferred would be resting.
                     let dir = tempfile::tempdir().unwrap();
                     let (engine, req) = rt.block_on(async {
-                        let engine = Engine::open(EngineConfig::default(), dir.path(), Arc::new(SystemClock)).await.unwrap();
+                        let engine =
+                            Engine::open(EngineConfig::default(), dir.path(), Arc::new(SystemClock)).await.unwrap();
                         let region = engine.regions().lookup("_C").unwrap();
                         engine.enrol(population(n, region)).await.unwrap();
                         // Ask for about a third of what the population could shed.

@@ -34,7 +34,11 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(N));
     g.bench_function("reserve_100k_one_thread", |b| {
-        b.iter_batched(fresh, |l| (0..N).filter(|&h| l.try_reserve(reservation(h, 1), 60, T0).is_ok()).count(), criterion::BatchSize::LargeInput)
+        b.iter_batched(
+            fresh,
+            |l| (0..N).filter(|&h| l.try_reserve(reservation(h, 1), 60, T0).is_ok()).count(),
+            criterion::BatchSize::LargeInput,
+        )
     });
     g.bench_function("reserve_100k_two_threads_two_events", |b| {
         b.iter_batched(
@@ -43,7 +47,9 @@ fn bench(c: &mut Criterion) {
                 let t: Vec<_> = (1..=2u64)
                     .map(|e| {
                         let l = Arc::clone(&l);
-                        std::thread::spawn(move || (0..N / 2).filter(|&h| l.try_reserve(reservation(h * 2 + e - 1, e), 60, T0).is_ok()).count())
+                        std::thread::spawn(move || {
+                            (0..N / 2).filter(|&h| l.try_reserve(reservation(h * 2 + e - 1, e), 60, T0).is_ok()).count()
+                        })
                     })
                     .collect();
                 t.into_iter().map(|t| t.join().unwrap()).sum::<usize>()

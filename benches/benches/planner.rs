@@ -38,9 +38,11 @@ fn bench(c: &mut Criterion) {
             deferral_min_max: 30,
         };
         let columns = 8 * usize::from(n_budget_bands) * 3;
-        g.bench_with_input(BenchmarkId::new(format!("{columns}_columns"), format!("{n_slots}_slots")), &req, |b, req| {
-            b.iter(|| plan(req).expect("plans"))
-        });
+        g.bench_with_input(
+            BenchmarkId::new(format!("{columns}_columns"), format!("{n_slots}_slots")),
+            &req,
+            |b, req| b.iter(|| plan(req).expect("plans")),
+        );
     }
     g.finish();
 }

@@ -10,6 +10,7 @@ pub struct RegionId(pub u16);
 pub const N_REGIONS_MAX: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RegionDef {
     /// GSP group id, e.g. "_A".
     pub id: String,

@@ -121,23 +121,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     // Counters: strictly increasing per device because they come from one engine-wide sequence.
     let n = reservations.len() as u64;
     let first = inner.next_counter.fetch_add(n, Ordering::SeqCst);
-    let commands: Vec<SignedCommand> = reservations
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            inner.signer.sign(DeferralCommand {
-                kind: CommandKind::Defer,
-                key_id: 0,
-                device: r.appliance,
-                event: r.event,
-                counter: first + i as u64,
-                not_before_unix_ms: r.not_before_unix_ms,
-                not_after_unix_ms: r.not_after_unix_ms,
-                deferral_s: r.deferral_s,
-                randomize_start_s: inner.config.randomize_start_s,
-            })
-        })
-        .collect();
+    let commands = sign_all(&inner.signer, &reservations, first, inner.config.randomize_start_s);
     Ok(Picked {
         reservations,
         commands,
@@ -160,4 +144,44 @@ fn burden_cuts(mut burdens: Vec<f64>) -> [f64; 2] {
     burdens.sort_by(f64::total_cmp);
     let n = burdens.len();
     [burdens[n / 3], burdens[(2 * n) / 3]]
+}
+
+/// Below this many commands, signing on one thread is quicker than starting others.
+const SIGN_PARALLEL_MIN: usize = 2_048;
+
+/// Signs one command per reservation, counters `first..`, spread over the machine's cores.
+fn sign_all(
+    signer: &halftime_signer::Signer,
+    reservations: &[Reservation],
+    first: u64,
+    randomize_start_s: u32,
+) -> Vec<SignedCommand> {
+    let sign = |i: usize, r: &Reservation| {
+        signer.sign(DeferralCommand {
+            kind: CommandKind::Defer,
+            key_id: 0,
+            device: r.appliance,
+            event: r.event,
+            counter: first + i as u64,
+            not_before_unix_ms: r.not_before_unix_ms,
+            not_after_unix_ms: r.not_after_unix_ms,
+            deferral_s: r.deferral_s,
+            randomize_start_s,
+        })
+    };
+    let n_threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    if reservations.len() < SIGN_PARALLEL_MIN || n_threads == 1 {
+        return reservations.iter().enumerate().map(|(i, r)| sign(i, r)).collect();
+    }
+    let chunk = reservations.len().div_ceil(n_threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = reservations
+            .chunks(chunk)
+            .enumerate()
+            .map(|(k, part)| {
+                scope.spawn(move || part.iter().enumerate().map(|(i, r)| sign(k * chunk + i, r)).collect::<Vec<_>>())
+            })
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().expect("signing thread panicked")).collect()
+    })
 }

@@ -5,11 +5,11 @@ use halftime_core::region::RegionDef;
 use halftime_core::{Limits, RegionSet};
 use halftime_engine::{EngineConfig, Grant};
 use halftime_headend::HeadEndConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Embedded store directory.
@@ -29,7 +29,7 @@ pub struct Config {
     pub operators: Vec<OperatorSection>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
     pub rebound_fraction_max: f64,
@@ -40,7 +40,7 @@ pub struct EngineSection {
     pub tick_interval_ms: u64,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CapsSection {
     pub events_per_day_max: u32,
@@ -49,7 +49,7 @@ pub struct CapsSection {
     pub rest_min_min: u32,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadEndSection {
     pub link_queue_batches: usize,
@@ -57,7 +57,7 @@ pub struct HeadEndSection {
     pub outstanding_max: usize,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorSection {
     pub name: String,
@@ -203,5 +203,60 @@ impl Config {
             ops.grants.insert(o.token.clone(), Grant { regions, target_w_max: o.target_mw_max * 1e6 });
         }
         Ok(ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../deploy/halftime.example.toml");
+
+    fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    out.push(path.clone());
+                    keys(&path, v, out);
+                }
+            }
+            toml::Value::Array(a) => {
+                for v in a {
+                    keys(prefix, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_example_parses_and_documents_every_key() {
+        let parsed = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(parsed.region_set().unwrap(), RegionSet::gb_dno_areas());
+        assert_eq!(parsed.operators().unwrap().grants.len(), 2);
+        let every = Config {
+            regions: RegionSet::gb_dno_areas().defs().to_vec(),
+            operators: parsed.operators.clone(),
+            ..Config::default()
+        };
+        let mut wanted = Vec::new();
+        keys("", &toml::Value::try_from(&every).unwrap(), &mut wanted);
+        let mut present = Vec::new();
+        keys("", &toml::from_str::<toml::Value>(EXAMPLE).unwrap(), &mut present);
+        for k in wanted {
+            assert!(present.contains(&k), "deploy/halftime.example.toml lacks {k}");
+        }
+        // The example's values are the defaults, but for regions and operators.
+        assert_eq!(Config { regions: vec![], operators: vec![], ..parsed }, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::parse("grpc_port = 1").unwrap_err().to_string().contains("grpc_port"));
+        assert!(Config::parse("[engine]\nrebound = 1").unwrap_err().to_string().contains("rebound"));
+        let e = Config::parse("[engine]\nrebound_fraction_max = 2.0").unwrap_err().to_string();
+        assert!(e.contains("engine.rebound_fraction_max"), "{e}");
+        assert!(Config::parse("").is_ok());
     }
 }

@@ -124,10 +124,15 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
     // The engine: in-process on a loopback port in virtual time, or a remote one in real time.
     let first_start = events.first().map(|e| e.start_unix_ms).unwrap_or(0);
     let tmp;
+    let mut virtual_clock = None;
     let (clock, running, url, trusted): (Arc<dyn Clock>, Option<crate::Running>, String, TrustedKeys) =
         match &opts.server {
             None => {
-                let clock: Arc<dyn Clock> = Arc::new(ScaledClock::new(first_start - 2 * MS_PER_MIN, speed));
+                // Set-up (enrolment, connecting devices) happens an hour before; the clock then jumps to just
+                // before the first event.
+                let scaled = Arc::new(ScaledClock::new(first_start - 60 * MS_PER_MIN, speed));
+                virtual_clock = Some(Arc::clone(&scaled));
+                let clock: Arc<dyn Clock> = scaled;
                 let data_dir = match &opts.data_dir {
                     Some(d) => d.clone(),
                     None => {
@@ -164,7 +169,13 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
         events.len()
     )?;
 
-    let result = drive(&scenario, &population, &regions, &events, &system_caps, &clock, &url, &trusted, out).await;
+    let ready = move || {
+        if let Some(c) = &virtual_clock {
+            c.advance_to(first_start - 2 * MS_PER_MIN);
+        }
+    };
+    let result =
+        drive(&scenario, &population, &regions, &events, &system_caps, &clock, &url, &trusted, ready, out).await;
     if let Some(r) = running {
         r.stop().await;
     }
@@ -181,6 +192,7 @@ async fn drive(
     clock: &Arc<dyn Clock>,
     url: &str,
     trusted: &TrustedKeys,
+    ready: impl FnOnce(),
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<RunReport> {
     // Enrol the population as households would, and their own limits.
@@ -258,6 +270,7 @@ async fn drive(
         tokio::time::timeout(Duration::from_secs(30), l.wait_connected()).await.context("gateway did not connect")?;
     }
     let links = Arc::new(links);
+    ready();
 
     // Households overriding at the moment they chose.
     let overrides_sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -424,7 +437,7 @@ fn account(
         t_unix_ms: minute,
         target_mw: target_kw / 1e3,
         expected_mw: expected_kw / 1e3,
-        delivered_mw: delivered_kw / 1e3,
+        delivered_mw: delivered_kw.max(0.0) / 1e3,
         applied_mw: slots[0] / 1e6,
         households_deferred: households.len(),
         overrides,
