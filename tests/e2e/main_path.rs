@@ -176,3 +176,87 @@ async fn devices_reject_wrong_key_and_over_cap_commands_and_the_engine_sees_it()
     b.shutdown().await;
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_supersedes_the_target_and_cancel_releases_in_staggered_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let running = start(dir.path(), clock.clone()).await;
+    let url = running.url();
+    let appliances = enrol(&url, 60).await;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let devices: Vec<(u64, u32)> = appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
+    let mut link =
+        gateway(&url, trusted(running.engine.public_key()), &clock, &devices, DevicePolicy::default(), 0, &log);
+    link.wait_connected().await;
+    let mut op = operator(&url).await;
+
+    let flex = op
+        .get_flexibility(pb::GetFlexibilityRequest { region: "_C".into(), horizon_min: 20, deferral_min_max: 20 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(flex.n_appliances_eligible, 120);
+    assert!(flex.deferrable_mw > 0.0);
+    assert_eq!(flex.by_class.iter().map(|c| c.n_appliances_eligible).sum::<u64>(), 120);
+    assert_eq!(
+        op.get_flexibility(pb::GetFlexibilityRequest { region: "_A".into(), horizon_min: 20, deferral_min_max: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .n_appliances_eligible,
+        0
+    );
+
+    let r = op.submit_stress_event(submit("update-cancel", vec![1.0; 30], 20)).await.unwrap().into_inner();
+    let first = r.plan.unwrap();
+    // Raise the target: more appliances join, from the next minute on.
+    let up = op
+        .update_stress_event(pb::UpdateStressEventRequest {
+            event_id: r.event_id,
+            target_kw: vec![4.0; 30],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert!(up.n_appliances > first.n_appliances, "{} -> {}", first.n_appliances, up.n_appliances);
+    assert_eq!(up.target_kw, vec![4.0; 30]);
+    for t in 1..30 {
+        assert!(up.expected_kw[t] + up.shortfall_kw[t] + 1e-6 >= 4.0, "slot {t}");
+    }
+    let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    watch_until(&mut watch, "deferrals to start", |p| p.started >= 3).await;
+
+    // Cancel: every deferral still running is released, spread over three minutes.
+    let n = op
+        .cancel_stress_event(pb::CancelStressEventRequest { event_id: r.event_id, release_over_min: 3 })
+        .await
+        .unwrap()
+        .into_inner()
+        .n_released;
+    assert!(n > 0);
+    let events = op.list_events(pb::ListEventsRequest { limit: 0 }).await.unwrap().into_inner().events;
+    assert_eq!(events[0].state, pb::EventState::Cancelled as i32);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let released = loop {
+        let l = log.lock().unwrap().clone();
+        let started: Vec<_> = l.iter().filter(|d| d.resumed != Some(ResumeReason::Completed)).copied().collect();
+        if !started.is_empty() && started.iter().all(|d| d.resumed.is_some()) {
+            break started;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not every device was released: {started:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(released.iter().all(|d| d.resumed == Some(ResumeReason::Released)));
+    let ends: Vec<i64> = released.iter().map(|d| d.end_unix_ms).collect();
+    let spread = ends.iter().max().unwrap() - ends.iter().min().unwrap();
+    if released.len() >= 3 {
+        assert!(spread >= 60_000, "releases were not staggered: {ends:?}");
+    }
+    assert!(spread <= 3 * 60_000 + 10_000, "releases took longer than asked: {ends:?}");
+    link.shutdown().await;
+    running.stop().await;
+}

@@ -425,24 +425,26 @@ impl Engine {
         metrics::counter!("halftime_events_submitted_total").increment(1);
 
         let target = record.spec.target_w.clone();
-        let plan = self
-            .dispatch(&rt, &record.spec.regions, record.spec.start_unix_ms, target, record.spec.deferral_min_max)
-            .await?;
+        let plan = self.dispatch(&rt, &record.spec.regions, 0, target, record.spec.deferral_min_max).await?;
         metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
         Ok((id, plan))
     }
 
-    /// Plans `target_w` (from the event's slot 0) over its regions and dispatches what was picked. Merges the
-    /// result into the event's plan summary (additive, for updates) and records it.
+    /// Plans `target_w` (the event's slots from `first_slot` on) over its regions and dispatches what was
+    /// picked. Merges the result into the event's plan summary (additive, for updates) and records it.
     async fn dispatch(
         &self,
         rt: &Arc<EventRuntime>,
         regions: &[RegionId],
-        start_unix_ms: i64,
+        first_slot: usize,
         target_w: Vec<f64>,
         deferral_min_max: u32,
     ) -> Result<PlanSummary, EngineError> {
-        let event = rt.lock().record.id;
+        let (event, event_start) = {
+            let st = rt.lock();
+            (st.record.id, st.record.spec.start_unix_ms)
+        };
+        let start_unix_ms = event_start + first_slot as i64 * MS_PER_MIN;
         let inner = Arc::clone(&self.inner);
         let regions = regions.to_vec();
         let now = self.now_unix_ms();
@@ -494,7 +496,7 @@ impl Engine {
                 st.add_device(r.household, c.command);
             }
             let plan = &mut st.record.plan;
-            merge_evaluation(plan, &picked.evaluation);
+            merge_evaluation(plan, &picked.evaluation, first_slot);
             plan.n_appliances += dispatch.commands.len() as u64;
             plan.n_cohorts = plan.n_cohorts.max(picked.n_cohorts);
             plan.lp_solve_us += picked.lp_solve_us;
@@ -549,11 +551,13 @@ impl Engine {
             }
             (st.record.spec.clone(), st.record.plan.expected_w.clone())
         };
-        let current_slot = halftime_core::time::slot_of(spec.start_unix_ms, now).max(0) as usize;
+        // New deferrals start at the next whole minute at the earliest.
+        let first_slot = ((now - spec.start_unix_ms).max(0) + MS_PER_MIN - 1).div_euclid(MS_PER_MIN) as usize;
         let residual: Vec<f64> = new_target
             .iter()
             .enumerate()
-            .map(|(t, &w)| if t < current_slot { 0.0 } else { (w - expected.get(t).copied().unwrap_or(0.0)).max(0.0) })
+            .skip(first_slot)
+            .map(|(t, &w)| (w - expected.get(t).copied().unwrap_or(0.0)).max(0.0))
             .collect();
         {
             let mut st = rt.lock();
@@ -566,7 +570,7 @@ impl Engine {
             st.dirty = true;
         }
         if residual.iter().any(|&w| w > 1.0) {
-            self.dispatch(&rt, &spec.regions, spec.start_unix_ms, residual, spec.deferral_min_max).await?;
+            self.dispatch(&rt, &spec.regions, first_slot, residual, spec.deferral_min_max).await?;
         }
         self.release_excess(&rt, &new_target, now).await?;
         let record = rt.lock().record.clone();
@@ -929,17 +933,18 @@ impl EventRuntime {
     }
 }
 
-/// Adds a new dispatch's evaluation onto the event's plan (an update plans only the residual).
-fn merge_evaluation(plan: &mut PlanSummary, e: &halftime_planner::Evaluation) {
+/// Adds a new dispatch's evaluation, which starts at slot `offset`, onto the event's plan (an update plans only
+/// the residual from the next minute on).
+fn merge_evaluation(plan: &mut PlanSummary, e: &halftime_planner::Evaluation, offset: usize) {
     let n = plan.target_w.len();
     plan.expected_w.resize(n, 0.0);
-    for (x, y) in plan.expected_w.iter_mut().zip(&e.expected_w) {
+    for (x, y) in plan.expected_w.iter_mut().skip(offset).zip(&e.expected_w) {
         *x += y;
     }
-    if plan.rebound_w.len() < e.rebound_w.len() {
-        plan.rebound_w.resize(e.rebound_w.len(), 0.0);
+    if plan.rebound_w.len() < offset + e.rebound_w.len() {
+        plan.rebound_w.resize(offset + e.rebound_w.len(), 0.0);
     }
-    for (x, y) in plan.rebound_w.iter_mut().zip(&e.rebound_w) {
+    for (x, y) in plan.rebound_w.iter_mut().skip(offset).zip(&e.rebound_w) {
         *x += y;
     }
     plan.shortfall_w = (0..n).map(|t| (plan.target_w[t] - plan.expected_w[t]).max(0.0)).collect();
