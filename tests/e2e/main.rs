@@ -6,3 +6,4 @@ mod invalid;
 mod main_path;
 mod restart;
 mod scenario;
+mod tooling;
