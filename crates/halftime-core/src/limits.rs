@@ -159,10 +159,10 @@ pub enum ReservationCheck {
 
 /// Whether `new` fits beside `existing` (all reservations of the same household) under `limits` (already the
 /// effective ones) and the appliance's own longest deferral.
-pub fn check_reservation(
+pub fn check_reservation<'a>(
     limits: &Limits,
     appliance_deferral_min_max: u32,
-    existing: &[Reservation],
+    existing: impl IntoIterator<Item = &'a Reservation>,
     new: &Reservation,
 ) -> Result<(), ReservationCheck> {
     if new.not_after_unix_ms <= new.not_before_unix_ms || new.deferral_s == 0 {
@@ -222,6 +222,8 @@ pub fn check_reservation(
 mod tests {
     use super::*;
 
+    const NONE: &[Reservation] = &[];
+
     fn res(event: u64, appliance: u64, start_min: i64, deferral_min: u32) -> Reservation {
         Reservation {
             household: HouseholdId(1),
@@ -249,9 +251,9 @@ mod tests {
         let day0 = 24 * 60 * 10;
         let noon = day0 + 12 * 60;
         let a = res(1, 1, noon, 15);
-        assert_eq!(check_reservation(&limits, 30, &[], &a), Ok(()));
-        assert_eq!(check_reservation(&limits, 30, &[], &res(1, 1, noon, 25)), Err(ReservationCheck::DeferralTooLong));
-        assert_eq!(check_reservation(&limits, 10, &[], &a), Err(ReservationCheck::DeferralTooLong));
+        assert_eq!(check_reservation(&limits, 30, NONE, &a), Ok(()));
+        assert_eq!(check_reservation(&limits, 30, NONE, &res(1, 1, noon, 25)), Err(ReservationCheck::DeferralTooLong));
+        assert_eq!(check_reservation(&limits, 10, NONE, &a), Err(ReservationCheck::DeferralTooLong));
         // Same event, other appliance, overlapping: fine. Same appliance overlapping: busy.
         assert_eq!(check_reservation(&limits, 30, &[a], &res(1, 2, noon, 15)), Ok(()));
         assert_eq!(check_reservation(&limits, 30, &[a], &res(2, 1, noon + 5, 5)), Err(ReservationCheck::ApplianceBusy));
@@ -271,23 +273,23 @@ mod tests {
         );
         // Quiet window wraps midnight: 23:30 and 05:00 are quiet, 06:00 is not.
         assert_eq!(
-            check_reservation(&limits, 30, &[], &res(1, 1, day0 + 23 * 60 + 30, 5)),
+            check_reservation(&limits, 30, NONE, &res(1, 1, day0 + 23 * 60 + 30, 5)),
             Err(ReservationCheck::QuietWindow)
         );
         assert_eq!(
-            check_reservation(&limits, 30, &[], &res(1, 1, day0 + 5 * 60, 5)),
+            check_reservation(&limits, 30, NONE, &res(1, 1, day0 + 5 * 60, 5)),
             Err(ReservationCheck::QuietWindow)
         );
-        assert_eq!(check_reservation(&limits, 30, &[], &res(1, 1, day0 + 6 * 60, 5)), Ok(()));
-        assert_eq!(check_reservation(&limits, 30, &[], &res(1, 1, day0 + 22 * 60 + 50, 10)), Ok(()));
+        assert_eq!(check_reservation(&limits, 30, NONE, &res(1, 1, day0 + 6 * 60, 5)), Ok(()));
+        assert_eq!(check_reservation(&limits, 30, NONE, &res(1, 1, day0 + 22 * 60 + 50, 10)), Ok(()));
         assert_eq!(
-            check_reservation(&limits, 30, &[], &res(1, 1, day0 + 22 * 60 + 55, 10)),
+            check_reservation(&limits, 30, NONE, &res(1, 1, day0 + 22 * 60 + 55, 10)),
             Err(ReservationCheck::QuietWindow)
         );
         let never = Limits { never: true, ..limits.clone() };
-        assert_eq!(check_reservation(&never, 30, &[], &a), Err(ReservationCheck::Never));
+        assert_eq!(check_reservation(&never, 30, NONE, &a), Err(ReservationCheck::Never));
         let paused = Limits { paused: true, ..limits };
-        assert_eq!(check_reservation(&paused, 30, &[], &a), Err(ReservationCheck::Paused));
+        assert_eq!(check_reservation(&paused, 30, NONE, &a), Err(ReservationCheck::Paused));
     }
 
     #[test]

@@ -19,9 +19,11 @@ pub struct Entry {
     pub status: DeviceStatus,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Book {
     own: Option<Limits>,
+    /// The tighter of `own` and the system caps, kept so that reserving allocates nothing.
+    effective: Limits,
     entries: Vec<Entry>,
 }
 
@@ -68,9 +70,13 @@ impl Ledger {
         &self.system_caps
     }
 
+    fn new_book(&self) -> Book {
+        Book { own: None, effective: self.system_caps.clone(), entries: Vec::new() }
+    }
+
     /// Registers a household (with no limits of its own) if it is new.
     pub fn ensure_household(&self, household: HouseholdId) {
-        self.books.entry(household).or_default();
+        self.books.entry(household).or_insert_with(|| self.new_book());
     }
 
     pub fn contains(&self, household: HouseholdId) -> bool {
@@ -82,7 +88,9 @@ impl Ledger {
     }
 
     pub fn set_limits(&self, household: HouseholdId, own: Limits) {
-        self.books.entry(household).or_default().own = Some(own);
+        let mut book = self.books.entry(household).or_insert_with(|| self.new_book());
+        book.effective = own.tighter(&self.system_caps);
+        book.own = Some(own);
     }
 
     /// The household's own limits (the system caps if it set none).
@@ -91,14 +99,7 @@ impl Ledger {
     }
 
     pub fn effective_limits(&self, household: HouseholdId) -> Option<Limits> {
-        self.books.get(&household).map(|b| self.effective(&b))
-    }
-
-    fn effective(&self, book: &Book) -> Limits {
-        match &book.own {
-            Some(own) => own.tighter(&self.system_caps),
-            None => self.system_caps.clone(),
-        }
+        self.books.get(&household).map(|b| b.effective.clone())
     }
 
     /// Checks and records a reservation atomically for its household.
@@ -114,16 +115,19 @@ impl Ledger {
         if book.entries.len() >= N_RESERVATIONS_PER_HOUSEHOLD_MAX {
             return Err(ReserveError::Full);
         }
-        let limits = self.effective(&book);
-        let existing: Vec<Reservation> = book.entries.iter().map(|e| e.reservation).collect();
-        check_reservation(&limits, appliance_deferral_min_max, &existing, &reservation)?;
+        check_reservation(
+            &book.effective,
+            appliance_deferral_min_max,
+            book.entries.iter().map(|e| &e.reservation),
+            &reservation,
+        )?;
         book.entries.push(Entry { reservation, status: DeviceStatus::Dispatched });
         Ok(())
     }
 
     /// Restores a reservation from the store (already checked when it was made).
     pub fn restore(&self, reservation: Reservation, status: DeviceStatus) {
-        let mut book = self.books.entry(reservation.household).or_default();
+        let mut book = self.books.entry(reservation.household).or_insert_with(|| self.new_book());
         if let Some(e) =
             book.entries.iter_mut().find(|e| same(&e.reservation, reservation.event, reservation.appliance))
         {
@@ -202,7 +206,7 @@ impl Ledger {
         now_unix_ms: i64,
     ) -> Option<Standing> {
         let book = self.books.get(&household)?;
-        let limits = self.effective(&book);
+        let limits = &book.effective;
         if !limits.participates() {
             return None;
         }
