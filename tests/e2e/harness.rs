@@ -167,3 +167,39 @@ pub fn submit(key: &str, target_kw: Vec<f64>, deferral_min_max: u32) -> pb::Subm
         idempotency_key: key.into(),
     }
 }
+
+/// An engine on a loopback port, in virtual time, with `n_households` enrolled (a water heater and a fridge
+/// each), and a log of what test appliances did.
+pub struct World {
+    /// Holds the engine's data directory for the life of the test.
+    _dir: tempfile::TempDir,
+    pub clock: Arc<dyn Clock>,
+    pub running: halftime::Running,
+    pub url: String,
+    /// (device id, load it sheds in W) for every enrolled appliance.
+    pub devices: Vec<(u64, u32)>,
+    pub log: Arc<Mutex<Vec<Done>>>,
+}
+
+impl World {
+    pub async fn new(n_households: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = clock();
+        let running = start(dir.path(), clock.clone()).await;
+        let url = running.url();
+        let devices = enrol(&url, n_households).await.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
+        Self { _dir: dir, clock, running, url, devices, log: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    /// A connected gateway for `devices` that trusts `key` (the engine's when `None`).
+    pub async fn gateway(&self, devices: &[(u64, u32)], policy: DevicePolicy, key: Option<[u8; 32]>) -> LinkHandle {
+        let key = key.unwrap_or_else(|| self.running.engine.public_key());
+        let mut link = gateway(&self.url, trusted(key), &self.clock, devices, policy, 0, &self.log);
+        link.wait_connected().await;
+        link
+    }
+
+    pub fn done(&self) -> Vec<Done> {
+        self.log.lock().unwrap().clone()
+    }
+}

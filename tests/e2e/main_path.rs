@@ -4,29 +4,19 @@ use crate::harness::*;
 use halftime_client::{DevicePolicy, ResumeReason};
 use halftime_engine::add_interval;
 use halftime_proto::pb;
-use std::sync::{Arc, Mutex};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_receive_verify_apply_and_watch_reports_what_they_shed() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = clock();
-    let running = start(dir.path(), clock.clone()).await;
-    let url = running.url();
-    let appliances = enrol(&url, 30).await;
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let world = World::new(30).await;
+    let url = &world.url;
     // Two gateways; each device reports shedding its rated power.
-    let devices: Vec<(u64, u32)> = appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
-    let (left, right) = devices.split_at(devices.len() / 2);
-    let key = running.engine.public_key();
-    let mut links = vec![
-        gateway(&url, trusted(key), &clock, left, DevicePolicy::default(), 0, &log),
-        gateway(&url, trusted(key), &clock, right, DevicePolicy::default(), 0, &log),
+    let (left, right) = world.devices.split_at(world.devices.len() / 2);
+    let links = vec![
+        world.gateway(left, DevicePolicy::default(), None).await,
+        world.gateway(right, DevicePolicy::default(), None).await,
     ];
-    for l in &mut links {
-        l.wait_connected().await;
-    }
 
-    let mut op = operator(&url).await;
+    let mut op = operator(url).await;
     let r = op.submit_stress_event(submit("main-path", vec![3.0, 6.0, 6.0, 6.0, 4.0], 10)).await.unwrap().into_inner();
     let plan = r.plan.unwrap();
     assert!(r.event_id > 0);
@@ -48,7 +38,7 @@ async fn devices_receive_verify_apply_and_watch_reports_what_they_shed() {
     let last = watch_until(&mut watch, "the event to complete", |p| p.completed == p.dispatched).await;
 
     // What the devices applied, slot by slot, is what the engine says was delivered.
-    let done = log.lock().unwrap().clone();
+    let done = world.done();
     assert_eq!(done.len() as u64, plan.n_appliances, "each dispatched device applied exactly one deferral");
     let mut applied_w = vec![0.0; last.delivered_kw.len()];
     for d in &done {
@@ -64,7 +54,7 @@ async fn devices_receive_verify_apply_and_watch_reports_what_they_shed() {
     }
     // A household sees its own history.
     let some = done[0].device.0 / 10;
-    let h = household(&url)
+    let h = household(url)
         .await
         .get_history(pb::GetHistoryRequest { household_id: some, limit: 0 })
         .await
@@ -75,38 +65,31 @@ async fn devices_receive_verify_apply_and_watch_reports_what_they_shed() {
     for l in links {
         l.shutdown().await;
     }
-    running.stop().await;
+    world.running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_override_mid_deferral_is_honoured_at_once_and_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = clock();
-    let running = start(dir.path(), clock.clone()).await;
-    let url = running.url();
-    let appliances = enrol(&url, 20).await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let devices: Vec<(u64, u32)> = appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
-    let mut link =
-        gateway(&url, trusted(running.engine.public_key()), &clock, &devices, DevicePolicy::default(), 0, &log);
-    link.wait_connected().await;
-    let mut op = operator(&url).await;
+    let world = World::new(20).await;
+    let url = &world.url;
+    let link = world.gateway(&world.devices, DevicePolicy::default(), None).await;
+    let mut op = operator(url).await;
     // A long flat target so that deferrals are well under way when the households step in.
     let r = op.submit_stress_event(submit("override", vec![2.0; 30], 30)).await.unwrap().into_inner();
     let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
     watch_until(&mut watch, "a deferral to start", |p| p.started >= 2).await;
-    let running_now: Vec<_> = log.lock().unwrap().iter().filter(|d| d.resumed.is_none()).copied().collect();
+    let running_now: Vec<_> = world.done().into_iter().filter(|d| d.resumed.is_none()).collect();
     assert!(running_now.len() >= 2);
 
     // On the device: the household presses "resume now".
     let local = running_now[0].device;
     assert!(link.override_now(local).await);
-    let after = log.lock().unwrap().iter().find(|d| d.device == local).copied().unwrap();
+    let after = world.done().into_iter().find(|d| d.device == local).unwrap();
     assert_eq!(after.resumed, Some(ResumeReason::Overridden), "the appliance resumed before override_now returned");
 
     // Through the Household API: the engine releases the other appliance's deferral.
     let remote = running_now[1].device;
-    let n = household(&url)
+    let n = household(url)
         .await
         .r#override(pb::OverrideRequest { household_id: remote.0 / 10, appliance_id: remote.0 })
         .await
@@ -118,7 +101,7 @@ async fn an_override_mid_deferral_is_honoured_at_once_and_reported() {
     assert!(p.overridden >= 2);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let resumed = log.lock().unwrap().iter().find(|d| d.device == remote).and_then(|d| d.resumed);
+        let resumed = world.done().into_iter().find(|d| d.device == remote).and_then(|d| d.resumed);
         if resumed.is_some() {
             assert_eq!(resumed, Some(ResumeReason::Released));
             break;
@@ -126,7 +109,7 @@ async fn an_override_mid_deferral_is_honoured_at_once_and_reported() {
         assert!(tokio::time::Instant::now() < deadline, "the engine's release never reached the device");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let hist = household(&url)
+    let hist = household(url)
         .await
         .get_history(pb::GetHistoryRequest { household_id: remote.0 / 10, limit: 10 })
         .await
@@ -134,27 +117,19 @@ async fn an_override_mid_deferral_is_honoured_at_once_and_reported() {
         .into_inner();
     assert!(hist.entries.iter().any(|e| e.appliance_id == remote.0 && e.status == pb::DeviceStatus::Overridden as i32));
     link.shutdown().await;
-    running.stop().await;
+    world.running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_reject_wrong_key_and_over_cap_commands_and_the_engine_sees_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = clock();
-    let running = start(dir.path(), clock.clone()).await;
-    let url = running.url();
-    let appliances = enrol(&url, 10).await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (first, second): (Vec<_>, Vec<_>) =
-        appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).partition(|(id, _)| (id / 10) % 2 == 0);
+    let world = World::new(10).await;
+    let (first, second): (Vec<_>, Vec<_>) = world.devices.iter().partition(|(id, _)| (id / 10) % 2 == 0);
     // One gateway trusts some other key; the other allows no deferral longer than 5 minutes.
     let stranger = halftime_signer::Signer::from_seed([9; 32]).public_key();
-    let mut a = gateway(&url, trusted(stranger), &clock, &first, DevicePolicy::default(), 0, &log);
+    let a = world.gateway(&first, DevicePolicy::default(), Some(stranger)).await;
     let tight = DevicePolicy { deferral_s_max: 5 * 60, deferred_s_per_day_max: 3600 };
-    let mut b = gateway(&url, trusted(running.engine.public_key()), &clock, &second, tight, 0, &log);
-    a.wait_connected().await;
-    b.wait_connected().await;
-    let mut op = operator(&url).await;
+    let b = world.gateway(&second, tight, None).await;
+    let mut op = operator(&world.url).await;
     let r = op.submit_stress_event(submit("rejects", vec![3.0; 20], 20)).await.unwrap().into_inner();
     let plan = r.plan.unwrap();
     let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
@@ -165,7 +140,7 @@ async fn devices_reject_wrong_key_and_over_cap_commands_and_the_engine_sees_it()
     assert_eq!(p.dispatched, plan.n_appliances);
     // Deferrals of more than 5 minutes are refused by the tight gateway, and everything the stranger-trusting
     // one got was refused: nothing longer than 5 minutes, and nothing at all on the first gateway, was applied.
-    let applied = log.lock().unwrap().clone();
+    let applied = world.done();
     assert!(p.rejected > 0);
     assert!(
         applied.iter().all(|d| second.iter().any(|(id, _)| *id == d.device.0)),
@@ -174,22 +149,14 @@ async fn devices_reject_wrong_key_and_over_cap_commands_and_the_engine_sees_it()
     assert!(applied.iter().all(|d| d.end_unix_ms - d.start_unix_ms <= 5 * 60_000 + 1_000));
     a.shutdown().await;
     b.shutdown().await;
-    running.stop().await;
+    world.running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_supersedes_the_target_and_cancel_releases_in_staggered_steps() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = clock();
-    let running = start(dir.path(), clock.clone()).await;
-    let url = running.url();
-    let appliances = enrol(&url, 60).await;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let devices: Vec<(u64, u32)> = appliances.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();
-    let mut link =
-        gateway(&url, trusted(running.engine.public_key()), &clock, &devices, DevicePolicy::default(), 0, &log);
-    link.wait_connected().await;
-    let mut op = operator(&url).await;
+    let world = World::new(60).await;
+    let link = world.gateway(&world.devices, DevicePolicy::default(), None).await;
+    let mut op = operator(&world.url).await;
 
     let flex = op
         .get_flexibility(pb::GetFlexibilityRequest { region: "_C".into(), horizon_min: 20, deferral_min_max: 20 })
@@ -242,7 +209,7 @@ async fn update_supersedes_the_target_and_cancel_releases_in_staggered_steps() {
     assert_eq!(events[0].state, pb::EventState::Cancelled as i32);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     let released = loop {
-        let l = log.lock().unwrap().clone();
+        let l = world.done();
         let started: Vec<_> = l.iter().filter(|d| d.resumed != Some(ResumeReason::Completed)).copied().collect();
         if !started.is_empty() && started.iter().all(|d| d.resumed.is_some()) {
             break started;
@@ -258,5 +225,5 @@ async fn update_supersedes_the_target_and_cancel_releases_in_staggered_steps() {
     }
     assert!(spread <= 3 * 60_000 + 10_000, "releases took longer than asked: {ends:?}");
     link.shutdown().await;
-    running.stop().await;
+    world.running.stop().await;
 }
