@@ -210,49 +210,63 @@ async fn invalid_requests_name_their_field() {
     running.stop().await;
 }
 
+const LONDON: &str = "london-token-0123456789";
+
+fn authorised<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_without_authority_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config();
-    config.operators = vec![halftime::config::OperatorSection {
-        name: "dno-london".into(),
-        token: "london-token-0123456789".into(),
-        regions: vec!["_C".into()],
-        target_mw_max: 1.0,
-    }];
+    config.operators = vec![
+        halftime::config::OperatorSection {
+            name: "dno-london".into(),
+            token: LONDON.into(),
+            regions: vec!["_C".into()],
+            target_mw_max: 1.0,
+        },
+        halftime::config::OperatorSection {
+            name: "national".into(),
+            token: "national-token-0123456789".into(),
+            regions: vec![],
+            target_mw_max: 3000.0,
+        },
+    ];
     let running = halftime::start(&config, dir.path(), "127.0.0.1:0".parse().unwrap(), clock()).await.unwrap();
     let url = running.url();
     enrol(&url, 2).await;
     let mut op = operator(&url).await;
-    let with_token = |mut r: tonic::Request<pb::SubmitStressEventRequest>, token: &str| {
-        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-        r
-    };
     let pd = Code::PermissionDenied;
     expect(op.submit_stress_event(submit("a", vec![1.0], 10)).await, pd, "authorization", "no token");
     expect(
-        op.submit_stress_event(with_token(tonic::Request::new(submit("a", vec![1.0], 10)), "nope")).await,
+        op.submit_stress_event(authorised(submit("a", vec![1.0], 10), "nope")).await,
         pd,
         "authorization",
         "bad token",
     );
     let other_region = pb::SubmitStressEventRequest { regions: vec!["_A".into()], ..submit("b", vec![1.0], 10) };
-    expect(
-        op.submit_stress_event(with_token(tonic::Request::new(other_region), "london-token-0123456789")).await,
-        pd,
-        "regions",
-        "other region",
-    );
+    expect(op.submit_stress_event(authorised(other_region, LONDON)).await, pd, "regions", "other region");
     let too_big = submit("c", vec![5_000.0], 10);
-    expect(
-        op.submit_stress_event(with_token(tonic::Request::new(too_big), "london-token-0123456789")).await,
-        pd,
-        "target",
-        "too big",
-    );
-    let fine = op
-        .submit_stress_event(with_token(tonic::Request::new(submit("d", vec![1.0], 10)), "london-token-0123456789"))
-        .await;
+    expect(op.submit_stress_event(authorised(too_big, LONDON)).await, pd, "target", "too big");
+    let fine = op.submit_stress_event(authorised(submit("d", vec![1.0], 10), LONDON)).await;
     assert!(fine.is_ok(), "{fine:?}");
+    let london_event = fine.unwrap().into_inner().event_id;
+    // Another operator's event elsewhere may be neither updated nor cancelled from London.
+    let elsewhere = pb::SubmitStressEventRequest { regions: vec!["_A".into()], ..submit("e", vec![1.0], 10) };
+    let national =
+        op.submit_stress_event(authorised(elsewhere, "national-token-0123456789")).await.unwrap().into_inner().event_id;
+    let update = pb::UpdateStressEventRequest { event_id: national, target_kw: vec![1.0], ..Default::default() };
+    expect(op.update_stress_event(authorised(update, LONDON)).await, pd, "regions", "update elsewhere");
+    let cancel = pb::CancelStressEventRequest { event_id: national, release_over_min: 0 };
+    expect(op.cancel_stress_event(authorised(cancel, LONDON)).await, pd, "regions", "cancel elsewhere");
+    let too_big =
+        pb::UpdateStressEventRequest { event_id: london_event, target_kw: vec![5_000.0], ..Default::default() };
+    expect(op.update_stress_event(authorised(too_big, LONDON)).await, pd, "target", "update too big");
+    let mine = pb::CancelStressEventRequest { event_id: london_event, release_over_min: 0 };
+    assert!(op.cancel_stress_event(authorised(mine, LONDON)).await.is_ok());
     running.stop().await;
 }

@@ -372,21 +372,27 @@ impl Engine {
             idempotency_key: &req.idempotency_key,
         };
         let spec = validate::stress_event(&input, &self.inner.config.regions, self.now_unix_ms())?;
+        self.authorise(grant, &spec.regions, spec.target_peak_w())?;
+        Ok(spec)
+    }
+
+    /// Whether `grant` covers every region of an event and a per-slot target of `peak_w`.
+    fn authorise(&self, grant: &Grant, regions: &[RegionId], peak_w: f64) -> Result<(), EngineError> {
         if let Some(allowed) = &grant.regions
-            && let Some(r) = spec.regions.iter().find(|r| !allowed.contains(r))
+            && let Some(r) = regions.iter().find(|r| !allowed.contains(r))
         {
             return Err(EngineError::PermissionDenied(format!(
-                "regions: caller may not target region {}",
+                "regions: caller has no authority over region {}",
                 self.inner.config.regions.code(*r)
             )));
         }
-        if spec.target_peak_w() > grant.target_w_max {
+        if peak_w > grant.target_w_max {
             return Err(EngineError::PermissionDenied(format!(
                 "target: caller may ask for at most {} MW per slot",
                 grant.target_w_max / 1e6
             )));
         }
-        Ok(spec)
+        Ok(())
     }
 
     /// Accepts, records, plans, reserves, signs and queues a stress event.
@@ -427,6 +433,16 @@ impl Engine {
         let target = record.spec.target_w.clone();
         let plan = self.dispatch(&rt, &record.spec.regions, 0, target, record.spec.deferral_min_max).await?;
         metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
+        tracing::info!(
+            event = id.0,
+            appliances = plan.n_appliances,
+            households = plan.n_households,
+            cohorts = plan.n_cohorts,
+            lp_ms = plan.lp_solve_us as f64 / 1e3,
+            submit_ms = received.elapsed().as_secs_f64() * 1e3,
+            shortfall_kwh = plan.shortfall_w.iter().sum::<f64>() / 60e3,
+            "event dispatched"
+        );
         Ok((id, plan))
     }
 
@@ -540,9 +556,12 @@ impl Engine {
         event: EventId,
         target_mw: &[f64],
         target_kw: &[f64],
+        grant: &Grant,
     ) -> Result<(EventId, PlanSummary), EngineError> {
         let new_target = validate::target_w(target_mw, target_kw, "target_mw", "target_kw")?;
         let rt = self.runtime(event)?;
+        let regions = rt.lock().record.spec.regions.clone();
+        self.authorise(grant, &regions, new_target.iter().copied().fold(0.0, f64::max))?;
         let now = self.now_unix_ms();
         let (spec, expected) = {
             let st = rt.lock();
@@ -682,13 +701,15 @@ impl Engine {
     }
 
     /// Cancels an event: every device still deferred is released, staggered over `release_over_min` minutes.
-    pub async fn cancel(&self, event: EventId, release_over_min: u32) -> Result<u64, EngineError> {
+    pub async fn cancel(&self, event: EventId, release_over_min: u32, grant: &Grant) -> Result<u64, EngineError> {
         if release_over_min > 30 {
             return Err(FieldError::new("release_over_min", "must be 0..=30 minutes").into());
         }
         let steps =
             if release_over_min == 0 { self.inner.config.release_over_min_default } else { release_over_min }.max(1);
         let rt = self.runtime(event)?;
+        let regions = rt.lock().record.spec.regions.clone();
+        self.authorise(grant, &regions, 0.0)?;
         let now = self.now_unix_ms();
         let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
             let mut st = rt.lock();
@@ -716,6 +737,7 @@ impl Engine {
         self.put_event(record).await?;
         let n = self.send_releases(&rt, releases, DeviceStatus::Released).await?;
         metrics::counter!("halftime_events_cancelled_total").increment(1);
+        tracing::info!(event = event.0, released = n, over_min = steps, "event cancelled");
         Ok(n)
     }
 

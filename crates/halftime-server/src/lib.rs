@@ -102,11 +102,7 @@ impl GridOperator for GridOperatorService {
         let grant = self.operators.grant(&request)?;
         let r = request.into_inner();
         let event = event_id(r.event_id)?;
-        let peak_w = r.target_mw.iter().map(|v| v * 1e6).chain(r.target_kw.iter().map(|v| v * 1e3)).fold(0.0, f64::max);
-        if peak_w > grant.target_w_max {
-            return Err(Status::permission_denied("target: above what this caller may ask for"));
-        }
-        let (id, plan) = self.engine.update(event, &r.target_mw, &r.target_kw).await.map_err(status_of)?;
+        let (id, plan) = self.engine.update(event, &r.target_mw, &r.target_kw, &grant).await.map_err(status_of)?;
         Ok(Response::new(pb::SubmitStressEventResponse {
             event_id: id.0,
             plan: Some(halftime_proto::plan_to_pb(&plan)),
@@ -117,9 +113,9 @@ impl GridOperator for GridOperatorService {
         &self,
         request: Request<pb::CancelStressEventRequest>,
     ) -> Result<Response<pb::CancelStressEventResponse>, Status> {
-        self.operators.grant(&request)?;
+        let grant = self.operators.grant(&request)?;
         let r = request.into_inner();
-        let n = self.engine.cancel(event_id(r.event_id)?, r.release_over_min).await.map_err(status_of)?;
+        let n = self.engine.cancel(event_id(r.event_id)?, r.release_over_min, &grant).await.map_err(status_of)?;
         Ok(Response::new(pb::CancelStressEventResponse { n_released: n }))
     }
 
