@@ -145,7 +145,7 @@ pub async fn watch_until(
     what: &str,
     done: impl Fn(&pb::EventProgress) -> bool,
 ) -> pb::EventProgress {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let next = tokio::time::timeout_at(deadline, stream.message()).await;
         match next {
