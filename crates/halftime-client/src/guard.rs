@@ -122,7 +122,8 @@ impl DeviceGuard {
                 _ => Verdict::Duplicate,
             };
         }
-        let window_ms = c.not_after_unix_ms - c.not_before_unix_ms;
+        // Saturating: the times come off the wire, and no value may make the device panic.
+        let window_ms = c.not_after_unix_ms.saturating_sub(c.not_before_unix_ms);
         let allowed_ms = (i64::from(c.randomize_start_s) + i64::from(c.deferral_s)) * 1000;
         if c.deferral_s == 0 || window_ms <= 0 || window_ms > allowed_ms {
             return Verdict::Reject(RejectReason::Malformed);
@@ -131,8 +132,8 @@ impl DeviceGuard {
             return Verdict::Reject(RejectReason::ExceedsLocalCap);
         }
         let offset_ms = i64::from(random_offset_s.min(c.randomize_start_s)) * 1000;
-        let start = (c.not_before_unix_ms + offset_ms).max(now_unix_ms);
-        let end = (start + i64::from(c.deferral_s) * 1000).min(c.not_after_unix_ms);
+        let start = c.not_before_unix_ms.saturating_add(offset_ms).max(now_unix_ms);
+        let end = start.saturating_add(i64::from(c.deferral_s) * 1000).min(c.not_after_unix_ms);
         if end <= start {
             return Verdict::Reject(RejectReason::Expired);
         }
@@ -243,6 +244,23 @@ mod tests {
         later.not_before_unix_ms += 3_600_000;
         later.not_after_unix_ms += 3_600_000;
         assert_eq!(guard.check(&trusted, &signer.sign(later), NOW, 0), Verdict::Reject(RejectReason::DailyCapReached));
+    }
+
+    #[test]
+    fn extreme_times_are_refused_not_a_panic() {
+        let (signer, trusted, mut guard) = setup();
+        let mut c = defer(1, 600);
+        c.not_before_unix_ms = i64::MIN;
+        c.not_after_unix_ms = i64::MAX;
+        assert_eq!(guard.check(&trusted, &signer.sign(c), NOW, 0), Verdict::Reject(RejectReason::Malformed));
+        let mut late = defer(2, 600);
+        late.not_before_unix_ms = i64::MAX - 1;
+        late.not_after_unix_ms = i64::MAX;
+        late.randomize_start_s = u32::MAX;
+        assert!(matches!(
+            guard.check(&trusted, &signer.sign(late), NOW, u32::MAX),
+            Verdict::Reject(_) | Verdict::Defer { .. }
+        ));
     }
 
     #[test]

@@ -230,6 +230,14 @@ impl Engine {
         })
         .await??;
         let inner = &self.inner;
+        let n_regions = inner.config.regions.len();
+        if let Some(a) = appliances.iter().find(|a| usize::from(a.region.0) >= n_regions) {
+            return Err(EngineError::Internal(format!(
+                "the store holds appliance {} in region #{}, but the configuration has only {n_regions} regions: \
+                 regions may be added at the end of the list, never removed or reordered",
+                a.id, a.region.0
+            )));
+        }
         inner.registry.upsert(&appliances);
         for a in &appliances {
             inner.ledger.ensure_household(a.household);

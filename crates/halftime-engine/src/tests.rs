@@ -188,3 +188,30 @@ fn idempotent_submit_and_durable_restart() {
         assert_eq!(engine.list_events(10).len(), 1);
     });
 }
+
+#[test]
+fn a_store_from_a_larger_region_set_is_refused_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    runtime().block_on(async {
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        let region = engine.regions().lookup("_P").unwrap();
+        let a = Appliance {
+            id: ApplianceId(1),
+            household: HouseholdId(1),
+            region,
+            class: ApplianceClass::Fridge,
+            rated_power_w: 135,
+            duty_cycle_permille: 250,
+            deferral_min_max: 30,
+            override_rate_permille: 20,
+        };
+        engine.enrol(vec![a]).await.unwrap();
+        assert!(engine.close(Duration::from_secs(5)).await);
+        let one_region =
+            RegionSet::new(vec![halftime_core::region::RegionDef { id: "_A".into(), name: "Eastern".into() }]).unwrap();
+        let config = EngineConfig { regions: one_region, ..EngineConfig::default() };
+        let err = Engine::open(config, dir.path(), clock).await.unwrap_err();
+        assert!(err.to_string().contains("regions may be added"), "{err}");
+    });
+}
