@@ -49,3 +49,47 @@ async fn health_and_reflection_answer() {
     assert!(!file.file_descriptor_proto.is_empty());
     running.stop().await;
 }
+
+/// Metrics are per batch with bounded labels: the series an operator's dashboard needs exist, and no label
+/// value is a household or device id. (The only test in this binary that installs the global recorder.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_per_batch_and_carry_no_ids() {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+    let world = World::new(8).await;
+    let link = world.gateway(&world.devices, halftime_client::DevicePolicy::default(), None).await;
+    let mut op = operator(&world.url).await;
+    let r = op.submit_stress_event(submit("metrics", vec![0.5; 5], 10)).await.unwrap().into_inner();
+    let mut watch =
+        op.watch_event(halftime_proto::pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    watch_until(&mut watch, "a deferral to start", |p| p.started >= 1).await;
+    // Give the tick a moment to set the gauges for the current minute.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let text = handle.render();
+    for series in [
+        "halftime_events_submitted_total",
+        "halftime_commands_signed_total",
+        "halftime_device_reports_total{status=\"started\"}",
+        "halftime_device_reports_total{status=\"received\"}",
+        "halftime_submit_seconds",
+        "halftime_lp_solve_seconds",
+        "halftime_delivered_mw",
+        "halftime_target_mw",
+        "halftime_headend_links",
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
+    let ids: std::collections::HashSet<String> =
+        world.devices.iter().flat_map(|(d, _)| [d.to_string(), (d / 10).to_string()]).collect();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        if let Some(labels) = line.split_once('{').and_then(|(_, rest)| rest.split_once('}')).map(|(l, _)| l) {
+            // `quantile` and `le` are the exporter's own numeric labels; every other label is the engine's.
+            let ours =
+                labels.split(',').filter_map(|kv| kv.split_once('=')).filter(|(k, _)| *k != "quantile" && *k != "le");
+            for (key, value) in ours {
+                assert!(!ids.contains(value.trim_matches('"')), "an id in metric label {key}: {line}");
+            }
+        }
+    }
+    link.shutdown().await;
+    world.running.stop().await;
+}

@@ -18,6 +18,44 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
+    pub const ALL: [DeviceStatus; 8] = [
+        DeviceStatus::Dispatched,
+        DeviceStatus::Received,
+        DeviceStatus::Started,
+        DeviceStatus::Completed,
+        DeviceStatus::Overridden,
+        DeviceStatus::Rejected,
+        DeviceStatus::Released,
+        DeviceStatus::Expired,
+    ];
+
+    /// Lower-case name, e.g. for a metric label (a bounded set).
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceStatus::Dispatched => "dispatched",
+            DeviceStatus::Received => "received",
+            DeviceStatus::Started => "started",
+            DeviceStatus::Completed => "completed",
+            DeviceStatus::Overridden => "overridden",
+            DeviceStatus::Rejected => "rejected",
+            DeviceStatus::Released => "released",
+            DeviceStatus::Expired => "expired",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|s| *s == self).unwrap_or(0)
+    }
+
+    /// Counts per status, in the order of [`Self::ALL`].
+    pub fn tally(statuses: impl IntoIterator<Item = DeviceStatus>) -> [u64; 8] {
+        let mut n = [0u64; 8];
+        for s in statuses {
+            n[s.index()] += 1;
+        }
+        n
+    }
+
     /// Whether no further report is expected for this command.
     pub fn is_final(self) -> bool {
         matches!(

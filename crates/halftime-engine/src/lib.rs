@@ -913,7 +913,12 @@ impl Engine {
                 None => dropped += 1,
             }
         }
-        metrics::counter!("halftime_device_reports_total").increment(reports.len() as u64);
+        // Per batch, labelled by status only (eight values): never a household or device id.
+        for (status, n) in DeviceStatus::ALL.iter().zip(DeviceStatus::tally(reports.iter().map(|r| r.status))) {
+            if n > 0 {
+                metrics::counter!("halftime_device_reports_total", "status" => status.name()).increment(n);
+            }
+        }
         metrics::counter!("halftime_device_reports_dropped_total").increment(dropped);
         Ok(())
     }
@@ -998,13 +1003,26 @@ fn tick(inner: &Arc<Inner>) {
                 reduction_w: 0,
             };
             engine.apply_outcome(&o);
-            // Best effort: an expiry is re-derived after a restart if it is lost.
+            // Best effort: with the writer's queue full, the expiry shows in progress but is not persisted.
             let _ = inner.outcomes.try_send(WriterMsg::Outcome(o));
         }
     }
+    let (mut active, mut target_w, mut expected_w, mut delivered_w) = (0u64, 0.0, 0.0, 0.0);
     for e in inner.events.iter() {
         e.advance_and_publish(now);
+        let p = e.watch.borrow();
+        if p.state == EventState::Active {
+            let slot = halftime_core::time::slot_of(p.start_unix_ms, now).max(0) as usize;
+            active += 1;
+            target_w += p.target_w.get(slot).copied().unwrap_or(0.0);
+            expected_w += p.expected_w.get(slot).copied().unwrap_or(0.0);
+            delivered_w += p.delivered_w.get(slot).copied().unwrap_or(0.0);
+        }
     }
+    metrics::gauge!("halftime_events_active").set(active as f64);
+    metrics::gauge!("halftime_target_mw").set(target_w / 1e6);
+    metrics::gauge!("halftime_expected_mw").set(expected_w / 1e6);
+    metrics::gauge!("halftime_delivered_mw").set(delivered_w / 1e6);
 }
 
 async fn tick_loop(inner: std::sync::Weak<Inner>) {
