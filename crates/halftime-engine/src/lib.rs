@@ -495,25 +495,17 @@ impl Engine {
         let store = Arc::clone(&self.inner.store);
         let dispatch = Dispatch { reservations: picked.reservations, commands: picked.commands };
         let hwm = picked.counter_hwm;
-        let persisted = blocking(move || {
-            let seq = store.next_dispatch_seq(event)?;
-            store.put_dispatch(event, seq, &dispatch, hwm).map(|()| dispatch)
+        // The batch comes back whether or not the write succeeded, so a failure undoes exactly its reservations.
+        let (dispatch, persisted) = blocking(move || {
+            let written = store.next_dispatch_seq(event).and_then(|seq| store.put_dispatch(event, seq, &dispatch, hwm));
+            (dispatch, written)
         })
         .await?;
-        let dispatch = match persisted {
-            Ok(d) => d,
-            Err(e) => {
-                // Nothing left the engine: give the budget back.
-                let (res, _) = self
-                    .inner
-                    .ledger
-                    .all_entries()
-                    .into_iter()
-                    .partition::<Vec<_>, _>(|e| e.reservation.event == event);
-                self.unreserve(&res.into_iter().map(|e| e.reservation).collect::<Vec<_>>());
-                return Err(e.into());
-            }
-        };
+        if let Err(e) = persisted {
+            // Nothing left the engine: give the budget back.
+            self.unreserve(&dispatch.reservations);
+            return Err(e.into());
+        }
         let summary = {
             let mut st = rt.lock();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
