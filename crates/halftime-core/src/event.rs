@@ -58,11 +58,9 @@ pub struct PlanSummary {
     pub lp_solve_us: u64,
 }
 
-/// Live progress of an event, as `WatchEvent` streams it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EventProgress {
-    pub event: EventId,
-    pub state: EventState,
+/// How many of an event's devices reached each stage.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressCounts {
     pub dispatched: u64,
     pub acknowledged: u64,
     pub started: u64,
@@ -70,6 +68,14 @@ pub struct EventProgress {
     pub overridden: u64,
     pub rejected: u64,
     pub expired: u64,
+}
+
+/// Live progress of an event, as `WatchEvent` streams it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventProgress {
+    pub event: EventId,
+    pub state: EventState,
+    pub counts: ProgressCounts,
     pub start_unix_ms: i64,
     pub target_w: Vec<f64>,
     pub expected_w: Vec<f64>,

@@ -16,7 +16,7 @@ pub mod validate;
 
 pub use appliance::{Appliance, ApplianceClass, ClassProfile};
 pub use command::{CommandKind, DeferralCommand, SignedCommand};
-pub use event::{EventProgress, EventRecord, EventState, PlanSummary, Priority, StressEventSpec};
+pub use event::{EventProgress, EventRecord, EventState, PlanSummary, Priority, ProgressCounts, StressEventSpec};
 pub use ids::{ApplianceId, EventId, HouseholdId};
 pub use limits::{Limits, QuietWindow, Reservation, ReservationCheck, Violation, audit};
 pub use region::{RegionId, RegionSet};

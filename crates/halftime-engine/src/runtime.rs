@@ -2,7 +2,9 @@
 //! and the delivered reduction, recomputed from device reports.
 
 use halftime_core::time::{MS_PER_MIN, slot_of};
-use halftime_core::{ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId};
+use halftime_core::{
+    ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId, ProgressCounts,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::watch;
@@ -44,22 +46,11 @@ pub enum Applied {
     EndEarly(i64),
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct Counts {
-    pub dispatched: u64,
-    pub acknowledged: u64,
-    pub started: u64,
-    pub completed: u64,
-    pub overridden: u64,
-    pub rejected: u64,
-    pub expired: u64,
-}
-
 #[derive(Debug)]
 pub struct RuntimeState {
     pub record: EventRecord,
     pub devices: HashMap<ApplianceId, DeviceTrack>,
-    pub counts: Counts,
+    pub counts: ProgressCounts,
     pub households: HashSet<HouseholdId>,
     pub last_not_after_unix_ms: i64,
     pub dirty: bool,
@@ -78,7 +69,7 @@ impl EventRuntime {
             last_not_after_unix_ms: record.spec.end_unix_ms(),
             record,
             devices: HashMap::new(),
-            counts: Counts::default(),
+            counts: ProgressCounts::default(),
             households: HashSet::new(),
             dirty: true,
             closed: false,
@@ -192,17 +183,10 @@ impl RuntimeState {
     }
 
     pub fn progress(&self) -> EventProgress {
-        let c = &self.counts;
         EventProgress {
             event: self.record.id,
             state: self.record.state,
-            dispatched: c.dispatched,
-            acknowledged: c.acknowledged,
-            started: c.started,
-            completed: c.completed,
-            overridden: c.overridden,
-            rejected: c.rejected,
-            expired: c.expired,
+            counts: self.counts.clone(),
             start_unix_ms: self.record.spec.start_unix_ms,
             target_w: self.record.spec.target_w.clone(),
             expected_w: self.record.plan.expected_w.clone(),
