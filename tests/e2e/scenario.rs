@@ -1,24 +1,72 @@
-//! The main job, `halftime scenario run`, runs to completion on a small population.
+//! The main job, `halftime scenario run`, runs the small scenario to completion, and its report holds the
+//! invariants: no limit violations, the engine never claims more than the appliances reported, the appliances
+//! never shed more than they draw, and the files an operator looks at are written.
 
 use std::path::PathBuf;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_small_scenario_runs_to_completion_within_every_limit() {
+async fn the_small_scenario_runs_to_completion_and_its_report_holds_the_invariants() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/small.toml");
+    let out_dir = tempfile::tempdir().unwrap();
+    let opts = halftime::scenario::RunOptions {
+        out_dir: Some(out_dir.path().to_path_buf()),
+        print_minutes: true,
+        ..Default::default()
+    };
     let mut out = Vec::new();
-    let report = halftime::scenario::run(&path, halftime::scenario::RunOptions::default(), &mut out).await.unwrap();
+    let report = halftime::scenario::run(&path, opts, &mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
     assert_eq!(report.violations, 0, "{text}");
-    assert!(report.n_appliances > 0 && !report.minutes.is_empty());
-    assert!(text.contains("summary:"), "{text}");
-    let plan = &report.events[0].1;
-    assert!(plan.n_appliances > 0);
-    // In every minute of the window the appliances really shed something, and the engine's estimate follows
-    // what they shed.
+    assert!(report.n_appliances > 0 && !report.minutes.is_empty(), "{text}");
+    assert!(text.contains("summary: small"), "{text}");
+    assert_eq!(report.events.len(), 1);
+    assert!(report.events[0].n_appliances > 0, "{text}");
+
     let window: Vec<_> = report.minutes.iter().filter(|m| m.target_mw > 0.0).collect();
-    assert!(!window.is_empty());
+    assert_eq!(window.len(), 10, "{text}");
+    for m in &report.minutes {
+        // The engine's estimate never exceeds what the appliances reported (1 % and 1 W of rounding).
+        assert!(m.estimated_mw <= m.reported_mw * 1.01 + 1e-6, "{}: estimate above reports\n{text}", m.t);
+        assert!(m.delivered_mw >= 0.0 && m.rebound_mw >= 0.0 && m.suppliable_mw >= 0.0, "{}", m.t);
+    }
     for m in &window {
-        assert!(m.applied_mw > 0.0, "{text}");
-        assert!((m.delivered_mw - m.applied_mw).abs() <= 0.25 * m.applied_mw + 1e-4, "{text}");
+        assert!(m.shed_mw > 0.0, "{}: nothing shed\n{text}", m.t);
+    }
+    // Energy is conserved: what was shed is paid back, in the windows or after them.
+    let paid = report.payback_mwh + report.payback_after_window_mwh;
+    assert!((paid - report.shed_mwh).abs() <= 0.02 * report.shed_mwh, "shed {} paid {paid}", report.shed_mwh);
+    // The net figures follow from the gross ones.
+    for m in &report.minutes {
+        assert!((m.delivered_mw - m.rebound_mw - (m.shed_mw - m.payback_mw)).abs() < 1e-9, "{}", m.t);
+    }
+    assert!(report.jain_burden > 0.0 && report.jain_burden <= 1.0);
+    assert!(report.latency_ms.plan_ready > 0.0 && report.latency_ms.all_queued >= report.latency_ms.plan_ready);
+    assert!(report.latency_ms.ack_p99.is_some(), "no acknowledgements seen");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.path().join("report.json")).unwrap()).unwrap();
+    for key in [
+        "scenario",
+        "seed",
+        "n_households",
+        "n_appliances",
+        "violations",
+        "jain_burden",
+        "burden_max_minutes",
+        "overrides",
+    ] {
+        assert!(json.get(key).is_some(), "report.json lacks {key}");
+    }
+    let minute = &json["minutes"][0];
+    for key in ["t", "baseline_mw", "target_mw", "delivered_mw", "rebound_mw", "suppliable_mw"] {
+        assert!(minute.get(key).is_some(), "report.json minutes lack {key}");
+    }
+    for key in ["plan_ready", "all_queued", "ack_p50", "ack_p99"] {
+        assert!(json["latency_ms"].get(key).is_some(), "report.json latency_ms lacks {key}");
+    }
+    assert!(std::fs::read_to_string(out_dir.path().join("report.md")).unwrap().contains("## Fairness"));
+    for plot in ["demand.svg", "target.svg", "burden.svg"] {
+        let svg = std::fs::read_to_string(out_dir.path().join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<text"), "{plot} has no labels");
     }
 }

@@ -56,6 +56,10 @@ pub struct PlanSummary {
     pub n_households: u64,
     pub n_cohorts: u32,
     pub lp_solve_us: u64,
+    /// From the submit request's arrival to the plan solved and its appliances picked, µs.
+    pub plan_ready_us: u64,
+    /// From the submit request's arrival to every command signed, durable and queued, µs.
+    pub queued_us: u64,
 }
 
 /// How many of an event's devices reached each stage.

@@ -20,6 +20,8 @@ pub struct Picked {
     pub n_cohorts: u32,
     pub lp_solve_us: u64,
     pub plan_us: u64,
+    /// When the plan was solved and its appliances picked and reserved (before signing).
+    pub picked_at: Instant,
     /// Highest counter used.
     pub counter_hwm: u64,
 }
@@ -117,6 +119,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         }
     }
     let evaluation = halftime_planner::evaluate(&req, &reserved);
+    let picked_at = Instant::now();
 
     // Counters: strictly increasing per device because they come from one engine-wide sequence.
     let n = reservations.len() as u64;
@@ -129,6 +132,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         n_cohorts: req.cohorts.len() as u32,
         lp_solve_us: plan.lp_solve_us,
         plan_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+        picked_at,
         counter_hwm: first + n,
     })
 }

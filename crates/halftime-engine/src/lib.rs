@@ -439,7 +439,7 @@ impl Engine {
         metrics::counter!("halftime_events_submitted_total").increment(1);
 
         let target = record.spec.target_w.clone();
-        let plan = self.dispatch(&rt, &record.spec.regions, 0, target, record.spec.deferral_min_max).await?;
+        let plan = self.dispatch(&rt, &record.spec.regions, 0, target, record.spec.deferral_min_max, received).await?;
         metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
         tracing::info!(
             event = id.0,
@@ -463,6 +463,7 @@ impl Engine {
         first_slot: usize,
         target_w: Vec<f64>,
         deferral_min_max: u32,
+        received: std::time::Instant,
     ) -> Result<PlanSummary, EngineError> {
         let (event, event_start) = {
             let st = rt.lock();
@@ -506,7 +507,8 @@ impl Engine {
             self.unreserve(&dispatch.reservations);
             return Err(e.into());
         }
-        let summary = {
+        let plan_ready_us = micros(picked.picked_at.saturating_duration_since(received));
+        {
             let mut st = rt.lock();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
                 st.add_device(r.household, c.command);
@@ -516,14 +518,24 @@ impl Engine {
             plan.n_appliances += dispatch.commands.len() as u64;
             plan.n_cohorts = plan.n_cohorts.max(picked.n_cohorts);
             plan.lp_solve_us += picked.lp_solve_us;
+            if plan.plan_ready_us == 0 {
+                plan.plan_ready_us = plan_ready_us;
+            }
             st.record.plan.n_households = st.households.len() as u64;
             st.dirty = true;
-            st.record.plan.clone()
-        };
-        let record = rt.lock().record.clone();
-        self.put_event(record).await?;
+        }
+        // The dispatch is durable: hand it to the head-end, then record the event's summary with its timings.
         let now = self.now_unix_ms();
         self.inner.headend.enqueue(&dispatch.commands, now);
+        let queued_us = micros(received.elapsed());
+        let (record, summary) = {
+            let mut st = rt.lock();
+            if st.record.plan.queued_us == 0 {
+                st.record.plan.queued_us = queued_us;
+            }
+            (st.record.clone(), st.record.plan.clone())
+        };
+        self.put_event(record).await?;
         metrics::counter!("halftime_commands_signed_total").increment(dispatch.commands.len() as u64);
         rt.publish();
         Ok(summary)
@@ -558,6 +570,7 @@ impl Engine {
         target_kw: &[f64],
         grant: &Grant,
     ) -> Result<(EventId, PlanSummary), EngineError> {
+        let received = std::time::Instant::now();
         let new_target = validate::target_w(target_mw, target_kw, "target_mw", "target_kw")?;
         let rt = self.runtime(event)?;
         let regions = rt.lock().record.spec.regions.clone();
@@ -589,7 +602,7 @@ impl Engine {
             st.dirty = true;
         }
         if residual.iter().any(|&w| w > 1.0) {
-            self.dispatch(&rt, &spec.regions, first_slot, residual, spec.deferral_min_max).await?;
+            self.dispatch(&rt, &spec.regions, first_slot, residual, spec.deferral_min_max, received).await?;
         }
         self.release_excess(&rt, &new_target, now).await?;
         let record = rt.lock().record.clone();
@@ -962,6 +975,10 @@ impl EventRuntime {
 
 /// Adds a new dispatch's evaluation, which starts at slot `offset`, onto the event's plan (an update plans only
 /// the residual from the next minute on).
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn merge_evaluation(plan: &mut PlanSummary, e: &halftime_planner::Evaluation, offset: usize) {
     let n = plan.target_w.len();
     plan.expected_w.resize(n, 0.0);

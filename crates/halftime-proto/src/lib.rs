@@ -234,6 +234,8 @@ pub fn plan_to_pb(p: &PlanSummary) -> pb::PlanSummary {
         n_households: p.n_households,
         n_cohorts: p.n_cohorts,
         lp_solve_us: p.lp_solve_us,
+        plan_ready_us: p.plan_ready_us,
+        queued_us: p.queued_us,
     }
 }
 

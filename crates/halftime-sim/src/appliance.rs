@@ -1,42 +1,235 @@
-//! Simulated appliances behind the client SDK: they shed what a real appliance of their class would, and
-//! their households sometimes override.
+//! Simulated appliances behind the client SDK. Each one has the physics of its class, so what it sheds and what
+//! it pays back afterwards are what a real one would:
+//!
+//! - Thermostatic loads (fridge, freezer, heat pump, water heater) cycle on and off with the measured on-time and
+//!   duty cycle. A deferral sheds whatever the compressor or element would have drawn in the window; after
+//!   release it runs flat out through its off-time until it has made the shed energy back.
+//! - Wet appliances and EV chargers are either idle (nothing to shed) or part-way through a cycle or session.
+//!   A pause sheds their full draw until the cycle would have ended, and the rest of the cycle runs after
+//!   release, so the tail of the cycle lands later: that tail is the payback.
+//!
+//! Households override with a chance that grows with the deferral's length and with how often they have been
+//! deferred in the past week.
 
 use halftime_client::{Appliance, Deferral, ResumeReason};
-use halftime_core::time::Clock;
+use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_core::{ApplianceClass, ApplianceId, EventId, HouseholdId};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+
+/// What the appliance was doing when a deferral began; decides what it sheds and pays back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Physics {
+    /// On for `on_s` of every `period_s`; on at `t` (s) when `(t - phase_s) mod period_s < on_s`.
+    Thermostat { period_s: i64, on_s: i64, phase_s: i64 },
+    /// Part-way through a cycle or charging session that had `remaining_s` left when the deferral began.
+    Running { remaining_s: i64 },
+    /// Idle: nothing to shed, nothing to pay back.
+    Idle,
+}
+
+/// Thermostat cycles and cycle lengths per class, from the measured traces (`cycle_stats.csv`: on-time per
+/// cycle and duty cycle) where they exist. Returns (on-time, period) in minutes for thermostatic classes, or
+/// the length of a full cycle or session in minutes for the others.
+fn class_timing(class: ApplianceClass) -> (f64, f64) {
+    match class {
+        // tracebase refrigerator: 25 cycles a day, 14.3 min on, 24.5 % duty.
+        ApplianceClass::Fridge => (14.3, 14.3 / 0.245),
+        // tracebase freezer: 27 cycles a day, 9.7 min on, 15.8 % duty.
+        ApplianceClass::Freezer => (9.7, 9.7 / 0.158),
+        // Assumption: compressor minimum run 20 min at the class's 45 % winter duty.
+        ApplianceClass::HeatPump => (20.0, 20.0 / 0.45),
+        // Assumption: element on 15 min per reheat at the class's 12 % duty.
+        ApplianceClass::WaterHeater => (15.0, 15.0 / 0.12),
+        // Cycle lengths: UK-DALE, REFIT and IDEAL medians 38-137 min (washing machine), 32-93 min (dishwasher),
+        // tracebase 149 min (tumble dryer); an EV home session of ~20 kWh at 7.4 kW is ~160 min.
+        ApplianceClass::WashingMachine => (0.0, 90.0),
+        ApplianceClass::Dishwasher => (0.0, 75.0),
+        ApplianceClass::TumbleDryer => (0.0, 120.0),
+        ApplianceClass::EvCharger => (0.0, 240.0),
+    }
+}
+
+impl Physics {
+    /// Draws the state of an appliance of `class` with duty cycle `duty` at a random moment.
+    pub fn draw(class: ApplianceClass, duty: f64, rng: &mut impl Rng) -> Self {
+        let (on_min, len_min) = class_timing(class);
+        if on_min > 0.0 {
+            let period_s = (len_min * 60.0) as i64;
+            return Physics::Thermostat { period_s, on_s: (on_min * 60.0) as i64, phase_s: rng.gen_range(0..period_s) };
+        }
+        if rng.gen_bool(duty.clamp(0.0, 1.0)) {
+            Physics::Running { remaining_s: rng.gen_range(60..=(len_min * 60.0) as i64) }
+        } else {
+            Physics::Idle
+        }
+    }
+
+    /// Seconds the appliance would have been drawing power in `[a_s, b_s)` (seconds after the deferral began),
+    /// had it not been deferred.
+    fn baseline_on_s(&self, a_s: i64, b_s: i64) -> i64 {
+        if b_s <= a_s {
+            return 0;
+        }
+        match *self {
+            Physics::Thermostat { period_s, on_s, phase_s } => {
+                let f = |t: i64| {
+                    let u = t - phase_s;
+                    u.div_euclid(period_s) * on_s + u.rem_euclid(period_s).min(on_s)
+                };
+                f(b_s) - f(a_s)
+            }
+            Physics::Running { remaining_s } => (b_s.min(remaining_s) - a_s.max(0)).max(0),
+            Physics::Idle => 0,
+        }
+    }
+
+    /// Average shed over a planned window of `len_s`: what the appliance reports when it starts.
+    pub fn expected_shed_w(&self, power_w: u32, len_s: i64) -> u32 {
+        if len_s <= 0 {
+            return 0;
+        }
+        (f64::from(power_w) * self.baseline_on_s(0, len_s) as f64 / len_s as f64).round() as u32
+    }
+
+    /// Intervals (seconds after the deferral began) of extra draw after release at `end_s`, each at full power.
+    fn payback_s(&self, end_s: i64) -> Vec<(i64, i64)> {
+        match *self {
+            Physics::Thermostat { .. } => {
+                // Runs through its off-time from release until the shed on-seconds are made back; a minute at a
+                // time, and never for more than a day (an off-time of zero would never pay back).
+                let mut owed_s = self.baseline_on_s(0, end_s);
+                let mut out = Vec::new();
+                let mut t = end_s;
+                while owed_s > 0 && t - end_s < 24 * 3600 {
+                    let off_s = 60 - self.baseline_on_s(t, t + 60);
+                    let take = off_s.min(owed_s);
+                    if take > 0 {
+                        out.push((t, t + take));
+                    }
+                    owed_s -= take;
+                    t += 60;
+                }
+                out
+            }
+            Physics::Running { remaining_s } => {
+                // The rest of the cycle runs after release: load above baseline wherever the baseline had ended.
+                let from = end_s.max(remaining_s);
+                let to = end_s + remaining_s;
+                if to > from { vec![(from, to)] } else { Vec::new() }
+            }
+            Physics::Idle => Vec::new(),
+        }
+    }
+}
 
 /// A deferral an appliance really applied.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Applied {
     pub device: ApplianceId,
     pub household: HouseholdId,
+    pub class: ApplianceClass,
     pub event: EventId,
+    pub power_w: u32,
     pub start_unix_ms: i64,
     /// When it ended (completed, released or overridden); the planned end until then.
     pub end_unix_ms: i64,
     pub planned_end_unix_ms: i64,
+    /// What the appliance reported shedding when it started (the average over the planned window).
     pub reduction_w: u32,
     pub overridden: bool,
+    pub physics: Physics,
+}
+
+impl Applied {
+    /// Energy an override cost: what the appliance would still have shed between the override and the
+    /// deferral's planned end, Wh. 0 if it was not overridden.
+    pub fn override_lost_wh(&self) -> f64 {
+        if !self.overridden {
+            return 0.0;
+        }
+        let start_s = self.start_unix_ms.div_euclid(1000);
+        let (a, b) = (self.end_unix_ms.div_euclid(1000) - start_s, self.planned_end_unix_ms.div_euclid(1000) - start_s);
+        f64::from(self.power_w) * self.physics.baseline_on_s(a, b) as f64 / 3600.0
+    }
+
+    /// Adds this deferral's shed and payback, W averaged over each minute, into per-minute series that start at
+    /// `origin_unix_ms`. Minutes outside the series are dropped.
+    pub fn add_to(&self, origin_unix_ms: i64, shed_w: &mut [f64], payback_w: &mut [f64]) {
+        let start_s = self.start_unix_ms.div_euclid(1000);
+        let end_s = (self.end_unix_ms.div_euclid(1000) - start_s).max(0);
+        let p = f64::from(self.power_w);
+        let origin_s = origin_unix_ms.div_euclid(1000) - start_s;
+        let spread = |series: &mut [f64], a: i64, b: i64, on: &dyn Fn(i64, i64) -> i64| {
+            let first = (a - origin_s).div_euclid(60).max(0);
+            let last = (b - origin_s).div_euclid(60) + 1;
+            for m in first..last.min(series.len() as i64) {
+                let m0 = origin_s + m * 60;
+                let (x, y) = (a.max(m0), b.min(m0 + 60));
+                if y > x {
+                    series[m as usize] += p * on(x, y) as f64 / 60.0;
+                }
+            }
+        };
+        spread(shed_w, 0, end_s, &|x, y| self.physics.baseline_on_s(x, y));
+        for (a, b) in self.physics.payback_s(end_s) {
+            spread(payback_w, a, b, &|x, y| y - x);
+        }
+    }
 }
 
 /// What every simulated appliance did, for the run's own accounting (independent of the engine's).
 #[derive(Debug, Default)]
 pub struct SimLog {
     applied: Mutex<Vec<Applied>>,
+    /// Start times of each household's deferrals, for its override propensity.
+    recent: Mutex<HashMap<HouseholdId, Vec<i64>>>,
 }
 
 impl SimLog {
     pub fn applied(&self) -> Vec<Applied> {
         self.applied.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// What the appliances reported shedding, W averaged over the minute from `minute_unix_ms`, and how many
+    /// households were deferring in it.
+    pub fn reported_in_minute(&self, minute_unix_ms: i64) -> (f64, usize) {
+        let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let mut households = std::collections::HashSet::new();
+        let mut w = 0.0;
+        for a in applied.iter() {
+            let overlap_ms =
+                (a.end_unix_ms.min(minute_unix_ms + MS_PER_MIN) - a.start_unix_ms.max(minute_unix_ms)).max(0);
+            if overlap_ms > 0 {
+                w += f64::from(a.reduction_w) * overlap_ms as f64 / MS_PER_MIN as f64;
+                households.insert(a.household);
+            }
+        }
+        (w, households.len())
+    }
+
+    /// Records a deferral start and returns how many the household had in the week before it.
+    fn note_start(&self, household: HouseholdId, at_unix_ms: i64) -> usize {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let list = recent.entry(household).or_default();
+        list.retain(|t| at_unix_ms - t < 7 * 24 * 60 * MS_PER_MIN);
+        let n = list.len();
+        list.push(at_unix_ms);
+        n
+    }
 }
 
 /// A household's decision to override a device at a time.
 pub type OverrideRequest = (ApplianceId, i64);
+
+/// Chance that a household overrides a deferral of `minutes`, having been deferred `recent` times in the past
+/// week: `propensity` is the chance for a first 20-minute deferral.
+pub fn override_chance(propensity: f64, minutes: f64, recent: usize) -> f64 {
+    (propensity * (minutes / 20.0) * (1.0 + 0.25 * recent as f64)).clamp(0.0, 0.95)
+}
 
 pub struct SimAppliance {
     pub device: ApplianceId,
@@ -52,7 +245,6 @@ pub struct SimAppliance {
 }
 
 impl SimAppliance {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         a: &halftime_core::Appliance,
         override_propensity: f64,
@@ -79,36 +271,29 @@ impl SimAppliance {
 impl Appliance for SimAppliance {
     fn defer(&self, d: &Deferral) -> Result<u32, String> {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let thermostatic = matches!(
-            self.class,
-            ApplianceClass::Fridge | ApplianceClass::Freezer | ApplianceClass::HeatPump | ApplianceClass::WaterHeater
-        );
-        // A thermostatic load sheds its average draw over the window (the compressor or element cycles would
-        // have run part of it); a wet appliance or charger sheds its full draw if it was running, else nothing.
-        let reduction_w = if thermostatic {
-            (f64::from(self.power_w) * self.duty * rng.gen_range(0.8..1.2)) as u32
-        } else if rng.gen_bool(self.duty.clamp(0.0, 1.0)) {
-            self.power_w
-        } else {
-            0
-        };
-        // Overrides grow with the deferral's length.
-        let minutes = (d.end_unix_ms - d.start_unix_ms) as f64 / 60_000.0;
-        let p = (self.override_propensity * minutes / 20.0).clamp(0.0, 1.0);
+        let start_unix_ms = self.clock.now_unix_ms().max(d.start_unix_ms);
+        let physics = Physics::draw(self.class, self.duty, &mut *rng);
+        let len_s = (d.end_unix_ms - start_unix_ms) / 1000;
+        let reduction_w = physics.expected_shed_w(self.power_w, len_s);
+        let recent = self.log.note_start(self.household, start_unix_ms);
+        let p = override_chance(self.override_propensity, len_s as f64 / 60.0, recent);
         if rng.gen_bool(p) {
-            let at = rng.gen_range(d.start_unix_ms..d.end_unix_ms.max(d.start_unix_ms + 1));
+            let at = rng.gen_range(start_unix_ms..d.end_unix_ms.max(start_unix_ms + 1));
             // A full queue only loses the override: the household changed its mind.
             let _ = self.overrides.try_send((self.device, at));
         }
         self.log.applied.lock().unwrap_or_else(|e| e.into_inner()).push(Applied {
             device: self.device,
             household: self.household,
+            class: self.class,
             event: d.event,
-            start_unix_ms: self.clock.now_unix_ms().max(d.start_unix_ms),
+            power_w: self.power_w,
+            start_unix_ms,
             end_unix_ms: d.end_unix_ms,
             planned_end_unix_ms: d.end_unix_ms,
             reduction_w,
             overridden: false,
+            physics,
         });
         Ok(reduction_w)
     }
@@ -120,5 +305,81 @@ impl Appliance for SimAppliance {
             a.end_unix_ms = now.clamp(a.start_unix_ms, a.planned_end_unix_ms);
             a.overridden = why == ResumeReason::Overridden;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied(physics: Physics, minutes: i64) -> Applied {
+        Applied {
+            device: ApplianceId(1),
+            household: HouseholdId(1),
+            class: ApplianceClass::Fridge,
+            event: EventId(1),
+            power_w: 600,
+            start_unix_ms: 0,
+            end_unix_ms: minutes * MS_PER_MIN,
+            planned_end_unix_ms: minutes * MS_PER_MIN,
+            reduction_w: 0,
+            overridden: false,
+            physics,
+        }
+    }
+
+    fn series(a: &Applied) -> (Vec<f64>, Vec<f64>) {
+        let (mut shed, mut payback) = (vec![0.0; 600], vec![0.0; 600]);
+        a.add_to(0, &mut shed, &mut payback);
+        (shed, payback)
+    }
+
+    #[test]
+    fn a_thermostat_pays_back_exactly_what_it_shed_through_its_off_time() {
+        // On 15 of every 60 minutes, starting on at t = 0.
+        let a = applied(Physics::Thermostat { period_s: 3600, on_s: 900, phase_s: 0 }, 30);
+        let (shed, payback) = series(&a);
+        assert_eq!(&shed[..16], &[[600.0; 15].as_slice(), &[0.0]].concat()[..]);
+        assert_eq!(shed.iter().sum::<f64>(), 600.0 * 15.0);
+        // Released at 30 min, in its off-time: runs flat out for 15 minutes.
+        assert_eq!(payback.iter().sum::<f64>(), 600.0 * 15.0);
+        assert!(payback[30..45].iter().all(|&w| w == 600.0) && payback[45] == 0.0);
+        assert_eq!(a.physics.expected_shed_w(600, 1800), 300);
+    }
+
+    #[test]
+    fn a_paused_cycle_sheds_until_it_would_have_ended_and_runs_its_tail_later() {
+        // 10 minutes of cycle left, paused for 20: sheds 10 minutes, then runs 10 minutes after release.
+        let (shed, payback) = series(&applied(Physics::Running { remaining_s: 600 }, 20));
+        assert_eq!(shed.iter().sum::<f64>(), 600.0 * 10.0);
+        assert!(payback[20..30].iter().all(|&w| w == 600.0) && payback[30] == 0.0 && payback[19] == 0.0);
+        // 60 minutes left, paused for 20: sheds 20, and the cycle ends 20 minutes later than it would have.
+        let (shed, payback) = series(&applied(Physics::Running { remaining_s: 3600 }, 20));
+        assert_eq!(shed.iter().sum::<f64>(), 600.0 * 20.0);
+        assert!(payback[60..80].iter().all(|&w| w == 600.0) && payback[..60].iter().all(|&w| w == 0.0));
+        let (shed, payback) = series(&applied(Physics::Idle, 20));
+        assert!(shed.iter().chain(&payback).all(|&w| w == 0.0));
+    }
+
+    #[test]
+    fn energy_is_conserved_for_any_phase_and_length() {
+        let mut rng = SmallRng::seed_from_u64(11);
+        for _ in 0..500 {
+            let class = ApplianceClass::ALL[rng.gen_range(0..ApplianceClass::ALL.len())];
+            let physics = Physics::draw(class, 0.5, &mut rng);
+            let a = applied(physics, rng.gen_range(1..90));
+            let (shed, payback) = series(&a);
+            let (s, p) = (shed.iter().sum::<f64>(), payback.iter().sum::<f64>());
+            assert!((s - p).abs() < 1e-6, "{physics:?}: shed {s} W·min, paid back {p} W·min");
+            assert!(shed.iter().all(|&w| w <= 600.0 + 1e-9), "{physics:?}: sheds more than it draws");
+        }
+    }
+
+    #[test]
+    fn overrides_grow_with_length_and_recent_deferrals() {
+        assert!(override_chance(0.1, 40.0, 0) > override_chance(0.1, 20.0, 0));
+        assert!(override_chance(0.1, 20.0, 4) > override_chance(0.1, 20.0, 0));
+        assert_eq!(override_chance(0.1, 20.0, 0), 0.1);
+        assert!(override_chance(1.0, 600.0, 100) <= 0.95);
     }
 }

@@ -1,5 +1,5 @@
-//! Scenario files (`scenarios/*.toml`), format version 1. Unknown keys are refused; errors name the file and
-//! the key (and the line, where TOML parsing knows it).
+//! Scenario files (`scenarios/*.toml`), format version 1. Unknown keys are refused; errors name the file, the
+//! line and the key. `scenarios/README.md` documents every key.
 
 use halftime_core::ApplianceClass;
 use serde::Deserialize;
@@ -10,12 +10,12 @@ pub const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {message}")]
+    #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: {key}: {reason}")]
-    Invalid { path: PathBuf, key: String, reason: String },
+    #[error("{}:{line}: {key}: {reason}", path.display())]
+    Invalid { path: PathBuf, line: usize, key: String, reason: String },
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -29,6 +29,8 @@ pub struct Scenario {
     /// Seed for the population, appliance behaviour and overrides.
     pub seed: u64,
     pub population: PopulationSpec,
+    #[serde(default)]
+    pub baseline: BaselineSpec,
     #[serde(rename = "event", default)]
     pub events: Vec<EventSpec>,
     #[serde(default)]
@@ -80,16 +82,43 @@ impl Default for LimitsSpec {
     }
 }
 
+/// Demand without Halftime, scaled to the population's share of GB households.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "source", rename_all = "snake_case")]
+pub enum BaselineSpec {
+    /// A column of the NESO half-hourly national demand file (relative to the scenario file).
+    National {
+        data: String,
+        #[serde(default = "nd")]
+        column: String,
+    },
+    /// One event's ~5-minute series from the TV pickups file.
+    Pickup { data: String, event_id: String },
+    /// The enrolled appliances' own average draw (flat): for scenarios without a real series.
+    #[default]
+    Population,
+}
+
+fn nd() -> String {
+    "ND".into()
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 pub enum EventSpec {
-    /// Explicit per-minute targets.
+    /// Explicit per-minute targets, announced `run.submit_lead_min` ahead; optionally repeated daily.
     Explicit {
         regions: Vec<String>,
         /// ISO-8601 UTC start, e.g. "2018-07-03T19:00:00Z".
         start: String,
         target_mw: Vec<f64>,
         deferral_min_max: u32,
+        /// The same event on this many consecutive days.
+        #[serde(default = "one_day")]
+        repeat_days: u32,
+        /// Days of the week (mon..sun) a repeated event skips.
+        #[serde(default)]
+        skip_weekdays: Vec<String>,
     },
     /// Shave the part of a real TV pickup that rises above the level at `from`, scaled to the population.
     Pickup {
@@ -104,7 +133,8 @@ pub enum EventSpec {
         #[serde(default = "one")]
         share: f64,
     },
-    /// A sudden loss of `lost_mw` nationally at `at`, lasting `minutes`, scaled to the population.
+    /// A sudden loss of `lost_mw` nationally at `at`, lasting `minutes`, scaled to the population. Submitted at
+    /// `at` with no warning, to start at once.
     Trip { regions: Vec<String>, at: String, lost_mw: f64, minutes: u32, deferral_min_max: u32 },
 }
 
@@ -112,22 +142,31 @@ fn one() -> f64 {
     1.0
 }
 
+fn one_day() -> u32 {
+    1
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RunSpec {
     /// Virtual minutes per real minute.
     pub speed: f64,
     /// Gateway links the simulated devices are spread over.
     pub gateways: u32,
-    /// Minutes to keep running after the last event's window (rebound and completion).
+    /// Minutes to keep running after each event's window (rebound and completion).
     pub tail_min: u32,
+    /// Minutes before its start that an announced event is submitted (trips are never announced).
+    pub submit_lead_min: u32,
 }
 
 impl Default for RunSpec {
     fn default() -> Self {
-        Self { speed: 60.0, gateways: 4, tail_min: 45 }
+        Self { speed: 60.0, gateways: 4, tail_min: 45, submit_lead_min: 1 }
     }
 }
+
+/// Weekday names a repeated event may skip.
+pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
@@ -138,14 +177,18 @@ impl Scenario {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ScenarioError> {
         let s: Scenario =
             toml::from_str(text).map_err(|e| ScenarioError::Parse { path: path.into(), message: e.to_string() })?;
-        s.validate(path)?;
+        s.validate().map_err(|(key, reason)| ScenarioError::Invalid {
+            path: path.into(),
+            line: line_of(text, &key),
+            key,
+            reason: reason.into(),
+        })?;
         Ok(s)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ScenarioError> {
-        let bad = |key: &str, reason: &str| {
-            Err(ScenarioError::Invalid { path: path.into(), key: key.into(), reason: reason.into() })
-        };
+    /// The first invalid key and why.
+    fn validate(&self) -> Result<(), (String, &'static str)> {
+        let bad = |key: &str, reason: &'static str| Err((key.to_string(), reason));
         if self.version != FORMAT_VERSION {
             return bad("version", "must be 1");
         }
@@ -187,14 +230,92 @@ impl Scenario {
         if self.events.is_empty() {
             return bad("event", "at least one [[event]] is required");
         }
+        if self.events.len() > 1000 {
+            return bad("event", "at most 1000 events");
+        }
+        for (i, e) in self.events.iter().enumerate() {
+            let key = |k: &str| format!("event[{i}].{k}");
+            let (regions, deferral_min_max) = match e {
+                EventSpec::Explicit { regions, deferral_min_max, .. }
+                | EventSpec::Pickup { regions, deferral_min_max, .. }
+                | EventSpec::Trip { regions, deferral_min_max, .. } => (regions, *deferral_min_max),
+            };
+            if regions.is_empty() {
+                return bad(&key("regions"), "name at least one region");
+            }
+            if !(1..=240).contains(&deferral_min_max) {
+                return bad(&key("deferral_min_max"), "must be 1..=240");
+            }
+            match e {
+                EventSpec::Explicit { target_mw, repeat_days, skip_weekdays, .. } => {
+                    if target_mw.is_empty() || target_mw.len() > 1440 {
+                        return bad(&key("target_mw"), "need 1..=1440 one-minute slots");
+                    }
+                    if target_mw.iter().any(|t| !t.is_finite() || *t < 0.0 || *t > 100_000.0) {
+                        return bad(&key("target_mw"), "every slot must be a number in 0..=100000");
+                    }
+                    if !(1..=366).contains(repeat_days) {
+                        return bad(&key("repeat_days"), "must be 1..=366");
+                    }
+                    if skip_weekdays.iter().any(|d| !WEEKDAYS.contains(&d.as_str())) {
+                        return bad(&key("skip_weekdays"), "days are mon, tue, wed, thu, fri, sat, sun");
+                    }
+                }
+                EventSpec::Pickup { share, .. } => {
+                    if !share.is_finite() || *share <= 0.0 || *share > 1000.0 {
+                        return bad(&key("share"), "must be in (0, 1000]");
+                    }
+                }
+                EventSpec::Trip { lost_mw, minutes, .. } => {
+                    if !lost_mw.is_finite() || *lost_mw <= 0.0 || *lost_mw > 100_000.0 {
+                        return bad(&key("lost_mw"), "must be in (0, 100000]");
+                    }
+                    if !(1..=1440).contains(minutes) {
+                        return bad(&key("minutes"), "must be 1..=1440");
+                    }
+                }
+            }
+        }
         if !(self.run.speed >= 1.0 && self.run.speed <= 10_000.0) {
             return bad("run.speed", "must be 1..=10000");
         }
         if self.run.gateways == 0 || self.run.gateways > 10_000 {
             return bad("run.gateways", "must be 1..=10000");
         }
+        if self.run.tail_min > 24 * 60 {
+            return bad("run.tail_min", "must be 0..=1440");
+        }
+        if self.run.submit_lead_min > 24 * 60 {
+            return bad("run.submit_lead_min", "must be 0..=1440");
+        }
         Ok(())
     }
+}
+
+/// The line (1-based) where `key` is set: `a.b.c` is the line `c = ...` in table `[a.b]` (or the header
+/// `[a.b.c]`), and `event[i].k` the line `k = ...` in the i-th `[[event]]`. 0 when it cannot be found.
+pub fn line_of(text: &str, key: &str) -> usize {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let is_header = |l: &str| l.starts_with('[');
+    let sets = |l: &str, k: &str| l.strip_prefix(k).is_some_and(|r| r.trim_start().starts_with('='));
+    let find_in = |from: usize, k: &str| {
+        lines[from..].iter().take_while(|l| !is_header(l)).position(|l| sets(l, k)).map(|i| from + i + 1)
+    };
+    if let Some(rest) = key.strip_prefix("event[") {
+        let (i, k) = rest.split_once("].").unwrap_or((rest.trim_end_matches(']'), ""));
+        let Ok(i) = i.parse::<usize>() else { return 0 };
+        let Some(at) = lines.iter().enumerate().filter(|(_, l)| **l == "[[event]]").map(|(n, _)| n).nth(i) else {
+            return 0;
+        };
+        return find_in(at + 1, k).unwrap_or(at + 1);
+    }
+    if let Some(n) = lines.iter().position(|l| *l == format!("[{key}]")) {
+        return n + 1;
+    }
+    let (table, k) = key.rsplit_once('.').unwrap_or(("", key));
+    let from =
+        if table.is_empty() { Some(0) } else { lines.iter().position(|l| *l == format!("[{table}]")).map(|n| n + 1) };
+    from.and_then(|f| find_in(f, k)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -221,23 +342,67 @@ deferral_min_max = 20
 "#;
 
     #[test]
-    fn parses_a_good_file_and_names_what_is_wrong_in_bad_ones() {
-        let path = Path::new("t.toml");
-        let s = Scenario::parse(GOOD, path).unwrap();
+    fn parses_a_good_file() {
+        let s = Scenario::parse(GOOD, Path::new("t.toml")).unwrap();
         assert_eq!(s.events.len(), 1);
         assert_eq!(s.run, RunSpec::default());
-        let cases = [
-            (GOOD.replace("version = 1", "version = 2"), "version"),
-            (GOOD.replace("seed = 1", "seed = 1\ncolour = 3"), "colour"),
-            (GOOD.replace("n_households = 10", "n_households = 0"), "population.n_households"),
-            (GOOD.replace("[population.classes.fridge]", "[population.classes.kettle]"), "population.classes.kettle"),
-            (GOOD.replace("ownership = 1.0", "ownership = 1.5"), "population.classes.fridge"),
-            (GOOD.replace("override_propensity = 0.1", "override_propensity = -1"), "population.override_propensity"),
-            (GOOD.replace("kind = \"explicit\"", "kind = \"meteor\""), "meteor"),
+        assert_eq!(s.baseline, BaselineSpec::Population);
+    }
+
+    /// Each bad file is refused with the file, the line (0 where TOML itself reports the position) and the key.
+    #[test]
+    fn refuses_bad_files_naming_file_line_and_key() {
+        let trip = "[[event]]\nkind = \"trip\"\nregions = [\"_A\"]\nat = \"2018-01-17T21:00:00Z\"\nlost_mw = 1000.0\nminutes = 20\ndeferral_min_max = 30\n";
+        let cases: Vec<(String, &str)> = vec![
+            (GOOD.replace("version = 1", "version = 2"), "t.toml:2: version: must be 1"),
+            (GOOD.replace("seed = 1", "seed = 1\ncolour = 3"), "unknown field `colour`"),
+            (GOOD.replace("seed = 1", "seed = \"one\""), "invalid type: string \"one\""),
+            (GOOD.replace("n_households = 10", "n_households = 0"), "t.toml:6: population.n_households"),
+            (GOOD.replace("regions = { \"_A\" = 1.0 }", "regions = {}"), "t.toml:7: population.regions"),
+            (
+                GOOD.replace("[population.classes.fridge]", "[population.classes.kettle]"),
+                "t.toml:9: population.classes.kettle: unknown appliance class",
+            ),
+            (GOOD.replace("ownership = 1.0", "ownership = 1.5"), "t.toml:9: population.classes.fridge"),
+            (
+                GOOD.replace("enrolment = 1.0", "enrolment = 1.0\npower_w = 0"),
+                "t.toml:12: population.classes.fridge.power_w",
+            ),
+            (
+                GOOD.replace("override_propensity = 0.1", "override_propensity = -1"),
+                "t.toml:8: population.override_propensity",
+            ),
+            (GOOD.replace("kind = \"explicit\"", "kind = \"meteor\""), "unknown variant `meteor`"),
+            (
+                GOOD.replace("regions = [\"_A\"]", "regions = []"),
+                "t.toml:14: event[0].regions: name at least one region",
+            ),
+            (GOOD.replace("target_mw = [0.001]", "target_mw = [-1.0]"), "t.toml:16: event[0].target_mw"),
+            (GOOD.replace("target_mw = [0.001]", "target_mw = []"), "t.toml:16: event[0].target_mw"),
+            (GOOD.replace("deferral_min_max = 20", "deferral_min_max = 0"), "t.toml:17: event[0].deferral_min_max"),
+            (
+                GOOD.replace("deferral_min_max = 20", "deferral_min_max = 20\nrepeat_days = 0"),
+                "t.toml:18: event[0].repeat_days",
+            ),
+            (
+                GOOD.replace("deferral_min_max = 20", "deferral_min_max = 20\nskip_weekdays = [\"someday\"]"),
+                "t.toml:18: event[0].skip_weekdays",
+            ),
+            (format!("{GOOD}{}", trip.replace("lost_mw = 1000.0", "lost_mw = -5.0")), "t.toml:22: event[1].lost_mw"),
+            (format!("{GOOD}{}", trip.replace("minutes = 20", "minutes = 0")), "t.toml:23: event[1].minutes"),
+            (format!("{GOOD}{}", trip.replace("at = ", "when = ")), "unknown field `when`"),
+            (format!("{GOOD}[run]\nspeed = 0.5\n"), "t.toml:19: run.speed"),
+            (format!("{GOOD}[run]\ngateways = 0\n"), "t.toml:19: run.gateways"),
+            (format!("{GOOD}[baseline]\nsource = \"moon\"\n"), "unknown variant `moon`"),
+            (format!("{GOOD}[baseline]\nsource = \"pickup\"\ndata = \"x.csv\"\n"), "missing field `event_id`"),
+            (GOOD.replace("[[event]]", "[[evnt]]"), "unknown field `evnt`"),
         ];
-        for (text, key) in cases {
-            let err = Scenario::parse(&text, path).unwrap_err().to_string();
-            assert!(err.contains(key) && err.starts_with("t.toml"), "{key}: {err}");
+        for (text, want) in cases {
+            let err = Scenario::parse(&text, Path::new("t.toml")).unwrap_err().to_string();
+            assert!(err.starts_with("t.toml") && err.contains(want), "want {want:?}, got: {err}");
         }
+        // TOML's own errors carry the line and column.
+        let err = Scenario::parse(&GOOD.replace("seed = 1", "seed = \"one\""), Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("line 4"), "{err}");
     }
 }

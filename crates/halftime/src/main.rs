@@ -52,6 +52,12 @@ enum ScenarioCommand {
         /// Virtual minutes per real minute (overrides the scenario).
         #[arg(long)]
         speed: Option<f64>,
+        /// Write report.md, report.json and the plots (SVG) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print every minute instead of a progress bar.
+        #[arg(long)]
+        verbose: bool,
     },
 }
 
@@ -93,9 +99,19 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             running.stop().await;
         }
-        Command::Scenario { command: ScenarioCommand::Run { scenario, server, trust_key, data_dir, speed } } => {
+        Command::Scenario {
+            command: ScenarioCommand::Run { scenario, server, trust_key, data_dir, speed, out, verbose },
+        } => {
             init_tracing("warn");
-            let opts = halftime::scenario::RunOptions { server, trust_key, data_dir, speed };
+            let opts = halftime::scenario::RunOptions {
+                server,
+                trust_key,
+                data_dir,
+                speed,
+                out_dir: out,
+                progress: !verbose,
+                print_minutes: verbose,
+            };
             let mut stdout = std::io::stdout();
             let report = halftime::scenario::run(&scenario, opts, &mut stdout).await?;
             anyhow::ensure!(report.violations == 0, "{} limit violations", report.violations);
