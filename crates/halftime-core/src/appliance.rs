@@ -31,12 +31,19 @@ pub struct ClassProfile {
     pub deferral_min_max_safe: u32,
     /// Share of deferrals households are expected to override, per mille.
     pub override_rate_permille: u32,
-    /// After release, the deferred energy is paid back over `ceil(deferral_min * payback_window_factor)`
-    /// minutes. Thermostatic loads run flat out until they recover: duty / (1 - duty). Wet appliances resume
-    /// their cycle: about the deferral itself. EV chargers and water heaters spread recovery over their session.
-    pub payback_window_factor: f64,
+    /// How the class runs, which decides what a deferral sheds and how it pays back (`crate::physics`).
+    pub timing: Timing,
     /// Relative discomfort of one minute of deferral, used to weigh the LP's objective.
     pub discomfort_weight: f64,
+}
+
+/// How an appliance class runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Timing {
+    /// Cycles on for `on_min` at a time, at the class's duty cycle.
+    Thermostat { on_min: f64 },
+    /// Runs cycles or sessions of `len_min` when in use (the duty cycle is the chance it is in use).
+    Cycle { len_min: f64 },
 }
 
 impl ApplianceClass {
@@ -77,29 +84,34 @@ impl ApplianceClass {
                  duty_cycle_permille,
                  deferral_min_max_safe,
                  override_rate_permille,
-                 payback_window_factor,
+                 timing,
                  discomfort_weight| ClassProfile {
             power_w_typical,
             duty_cycle_permille,
             deferral_min_max_safe,
             override_rate_permille,
-            payback_window_factor,
+            timing,
             discomfort_weight,
         };
+        let thermostat = |on_min| Timing::Thermostat { on_min };
+        let cycle = |len_min| Timing::Cycle { len_min };
         match self {
-            // 135 W running, 25 % duty, 14 min cycles (tracebase refrigerator, cycle_stats.csv).
-            ApplianceClass::Fridge => p(135, 250, 30, 20, 1.0 / 3.0, 1.0),
-            // 160 W, 16 % duty (tracebase freezer).
-            ApplianceClass::Freezer => p(160, 160, 60, 10, 0.16 / 0.84, 0.8),
-            ApplianceClass::HeatPump => p(2_000, 450, 30, 80, 0.45 / 0.55, 2.0),
-            // The tank reheats flat out after release.
-            ApplianceClass::WaterHeater => p(3_000, 120, 120, 20, 0.12 / 0.88, 0.5),
-            ApplianceClass::WashingMachine => p(1_800, 60, 20, 100, 1.0, 1.5),
-            ApplianceClass::Dishwasher => p(1_800, 60, 20, 80, 1.0, 1.2),
-            ApplianceClass::TumbleDryer => p(2_300, 50, 20, 100, 1.0, 1.5),
-            // 7.4 kW home charge point; about one in six charging on a winter evening.
-            // The charger resumes at its old rate; the energy is made up at the end of the session, hours later.
-            ApplianceClass::EvCharger => p(7_400, 170, 60, 60, 8.0, 1.0),
+            // tracebase refrigerator (cycle_stats.csv): 135 W running, 25 cycles a day of 14.3 min on, 24.5 % duty.
+            ApplianceClass::Fridge => p(135, 250, 30, 20, thermostat(14.3), 1.0),
+            // tracebase freezer: 160 W, 27 cycles a day of 9.7 min on, 15.8 % duty.
+            ApplianceClass::Freezer => p(160, 160, 60, 10, thermostat(9.7), 0.8),
+            // Assumption: compressor minimum run of 20 min at 45 % winter duty.
+            ApplianceClass::HeatPump => p(2_000, 450, 30, 80, thermostat(20.0), 2.0),
+            // Assumption: the element reheats for 15 min at a time, 12 % of the evening.
+            ApplianceClass::WaterHeater => p(3_000, 120, 120, 20, thermostat(15.0), 0.5),
+            // Cycle lengths: UK-DALE, REFIT and IDEAL medians 38-137 min (washing machine), 32-93 min (dishwasher),
+            // tracebase 149 min (tumble dryer).
+            ApplianceClass::WashingMachine => p(1_800, 60, 20, 100, cycle(90.0), 1.5),
+            ApplianceClass::Dishwasher => p(1_800, 60, 20, 80, cycle(75.0), 1.2),
+            ApplianceClass::TumbleDryer => p(2_300, 50, 20, 100, cycle(120.0), 1.5),
+            // 7.4 kW home charge point; about one in six charging on a winter evening, sessions of ~20 kWh
+            // (~160 min); the energy is made up at the end of the session.
+            ApplianceClass::EvCharger => p(7_400, 170, 60, 60, cycle(240.0), 1.0),
         }
     }
 }

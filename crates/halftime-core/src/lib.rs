@@ -9,6 +9,7 @@ pub mod command;
 pub mod event;
 pub mod ids;
 pub mod limits;
+pub mod physics;
 pub mod region;
 pub mod report;
 pub mod time;

@@ -26,7 +26,8 @@ pub use cohort::{
 
 use good_lp::{Expression, ProblemVariables, Solution, SolverModel, Variable, variable};
 use halftime_core::ApplianceClass;
-use std::collections::BTreeMap;
+use halftime_core::physics::{Response, expected_response};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 /// Most start slots per column in the LP; longer events start deferrals every few slots instead.
@@ -88,11 +89,14 @@ pub enum PlanError {
     Solver(String),
 }
 
-/// Number of slots over which a class pays back a deferral of `deferral_min`.
-pub fn payback_slots(class: ApplianceClass, deferral_min: u32) -> u32 {
-    let f = class.profile().payback_window_factor;
-    // Bounded: deferral_min <= 240 and factor <= 2.
-    ((f64::from(deferral_min) * f).ceil() as u32).max(1)
+/// Expected responses (shed and payback per minute) by class and deferral length, computed once per plan.
+#[derive(Default)]
+struct Responses(HashMap<(ApplianceClass, u32), Response>);
+
+impl Responses {
+    fn get(&mut self, class: ApplianceClass, deferral_min: u32) -> &Response {
+        self.0.entry((class, deferral_min)).or_insert_with(|| expected_response(class, deferral_min))
+    }
 }
 
 /// The LP's grouping of cohorts with identical coefficients.
@@ -170,24 +174,24 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     // Net load change below baseline per slot: active deferrals less rebound.
     let mut net: Vec<Expression> = (0..horizon).map(|_| Expression::with_capacity(64)).collect();
     let mut capacity: Vec<Expression> = (0..columns.len()).map(|_| Expression::with_capacity(64)).collect();
+    let mut responses = Responses::default();
     for (j, col) in columns.iter().enumerate() {
         let profile = col.key.class.profile();
         let weight = profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
         let r_kw = col.reduction_w / 1e3;
         let r_net_kw = col.reduction_w_net / 1e3;
         for &d in &col.deferral_options_min {
-            let l = payback_slots(col.key.class, d);
-            let rebound_kw = r_kw * f64::from(d) / f64::from(l);
+            let response = responses.get(col.key.class, d);
             for s in (0..n_start_slots).step_by(start_step) {
                 let v = vars.add(variable().min(0.0).max(f64::from(col.n_appliances)));
                 starts.push((j, s, d, v));
                 // Cost: kW-minutes of discomfort, plus a tie-break towards shorter deferrals.
                 objective.add_mul(weight * r_kw * f64::from(d) + 1e-6 * f64::from(d), v);
-                for t in s..(s + d).min(horizon) {
-                    net[t as usize].add_mul(r_net_kw, v);
+                for (t, shed) in (s..horizon).zip(&response.shed) {
+                    net[t as usize].add_mul(r_net_kw * shed, v);
                 }
-                for t in (s + d).min(horizon)..(s + d + l).min(horizon) {
-                    net[t as usize].add_mul(-rebound_kw, v);
+                for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
+                    net[t as usize].add_mul(-r_kw * payback, v);
                 }
                 capacity[j].add_mul(1.0, v);
             }
@@ -302,6 +306,7 @@ pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
     let n_slots = req.target_w.len();
     // Net load change below baseline per slot, W, from slot 0 until the last payback ends.
     let mut net_w: Vec<f64> = vec![0.0; n_slots];
+    let mut responses = Responses::default();
     for a in allocations {
         let c = &req.cohorts[a.cohort];
         if c.n_appliances == 0 {
@@ -310,17 +315,17 @@ pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
         let per_w = c.reduction_w_sum / f64::from(c.n_appliances);
         let per_net_w = c.reduction_w_net_sum / f64::from(c.n_appliances);
         let n = f64::from(a.n);
-        let (s, d) = (a.start_slot as usize, a.deferral_min as usize);
-        let l = payback_slots(c.key.class, a.deferral_min) as usize;
+        let s = a.start_slot as usize;
+        let response = responses.get(c.key.class, a.deferral_min);
+        let (d, l) = (response.shed.len(), response.payback.len());
         if net_w.len() < s + d + l {
             net_w.resize(s + d + l, 0.0);
         }
-        for slot in &mut net_w[s..s + d] {
-            *slot += n * per_net_w;
+        for (slot, shed) in net_w[s..s + d].iter_mut().zip(&response.shed) {
+            *slot += n * per_net_w * shed;
         }
-        let each = n * per_w * d as f64 / l as f64;
-        for slot in &mut net_w[s + d..s + d + l] {
-            *slot -= each;
+        for (slot, payback) in net_w[s + d..s + d + l].iter_mut().zip(&response.payback) {
+            *slot -= n * per_w * payback;
         }
     }
     let expected_w: Vec<f64> = net_w[..n_slots].to_vec();

@@ -1,17 +1,12 @@
-//! Simulated appliances behind the client SDK. Each one has the physics of its class, so what it sheds and what
-//! it pays back afterwards are what a real one would:
-//!
-//! - Thermostatic loads (fridge, freezer, heat pump, water heater) cycle on and off with the measured on-time and
-//!   duty cycle. A deferral sheds whatever the compressor or element would have drawn in the window; after
-//!   release it runs flat out through its off-time until it has made the shed energy back.
-//! - Wet appliances and EV chargers are either idle (nothing to shed) or part-way through a cycle or session.
-//!   A pause sheds their full draw until the cycle would have ended, and the rest of the cycle runs after
-//!   release, so the tail of the cycle lands later: that tail is the payback.
+//! Simulated appliances behind the client SDK. Each draws its state from the core's appliance physics
+//! (`halftime_core::physics`) when deferred, so what it sheds and pays back are what a real one would.
 //!
 //! Households override with a chance that grows with the deferral's length and with how often they have been
 //! deferred in the past week.
 
 use halftime_client::{Appliance, Deferral, ResumeReason};
+use halftime_core::appliance::Timing;
+use halftime_core::physics::Physics;
 use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_core::{ApplianceClass, ApplianceId, EventId, HouseholdId};
 use rand::rngs::SmallRng;
@@ -20,108 +15,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
-/// What the appliance was doing when a deferral began; decides what it sheds and pays back.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Physics {
-    /// On for `on_s` of every `period_s`; on at `t` (s) when `(t - phase_s) mod period_s < on_s`.
-    Thermostat { period_s: i64, on_s: i64, phase_s: i64 },
-    /// Part-way through a cycle or charging session that had `remaining_s` left when the deferral began.
-    Running { remaining_s: i64 },
-    /// Idle: nothing to shed, nothing to pay back.
-    Idle,
-}
-
-/// Thermostat cycles and cycle lengths per class, from the measured traces (`cycle_stats.csv`: on-time per
-/// cycle and duty cycle) where they exist. Returns (on-time, period) in minutes for thermostatic classes, or
-/// the length of a full cycle or session in minutes for the others.
-fn class_timing(class: ApplianceClass) -> (f64, f64) {
-    match class {
-        // tracebase refrigerator: 25 cycles a day, 14.3 min on, 24.5 % duty.
-        ApplianceClass::Fridge => (14.3, 14.3 / 0.245),
-        // tracebase freezer: 27 cycles a day, 9.7 min on, 15.8 % duty.
-        ApplianceClass::Freezer => (9.7, 9.7 / 0.158),
-        // Assumption: compressor minimum run 20 min at the class's 45 % winter duty.
-        ApplianceClass::HeatPump => (20.0, 20.0 / 0.45),
-        // Assumption: element on 15 min per reheat at the class's 12 % duty.
-        ApplianceClass::WaterHeater => (15.0, 15.0 / 0.12),
-        // Cycle lengths: UK-DALE, REFIT and IDEAL medians 38-137 min (washing machine), 32-93 min (dishwasher),
-        // tracebase 149 min (tumble dryer); an EV home session of ~20 kWh at 7.4 kW is ~160 min.
-        ApplianceClass::WashingMachine => (0.0, 90.0),
-        ApplianceClass::Dishwasher => (0.0, 75.0),
-        ApplianceClass::TumbleDryer => (0.0, 120.0),
-        ApplianceClass::EvCharger => (0.0, 240.0),
-    }
-}
-
-impl Physics {
-    /// Draws the state of an appliance of `class` with duty cycle `duty` at a random moment.
-    pub fn draw(class: ApplianceClass, duty: f64, rng: &mut impl Rng) -> Self {
-        let (on_min, len_min) = class_timing(class);
-        if on_min > 0.0 {
-            let period_s = (len_min * 60.0) as i64;
-            return Physics::Thermostat { period_s, on_s: (on_min * 60.0) as i64, phase_s: rng.gen_range(0..period_s) };
+/// Draws the state of an appliance of `class` with duty cycle `duty` at a random moment.
+pub fn draw_physics(class: ApplianceClass, duty: f64, rng: &mut impl Rng) -> Physics {
+    match class.profile().timing {
+        Timing::Thermostat { on_min } => {
+            let period_s = ((on_min / duty.max(0.01)) * 60.0) as i64;
+            Physics::Thermostat { period_s, on_s: (on_min * 60.0) as i64, phase_s: rng.gen_range(0..period_s.max(1)) }
         }
-        if rng.gen_bool(duty.clamp(0.0, 1.0)) {
-            Physics::Running { remaining_s: rng.gen_range(60..=(len_min * 60.0) as i64) }
-        } else {
-            Physics::Idle
-        }
-    }
-
-    /// Seconds the appliance would have been drawing power in `[a_s, b_s)` (seconds after the deferral began),
-    /// had it not been deferred.
-    fn baseline_on_s(&self, a_s: i64, b_s: i64) -> i64 {
-        if b_s <= a_s {
-            return 0;
-        }
-        match *self {
-            Physics::Thermostat { period_s, on_s, phase_s } => {
-                let f = |t: i64| {
-                    let u = t - phase_s;
-                    u.div_euclid(period_s) * on_s + u.rem_euclid(period_s).min(on_s)
-                };
-                f(b_s) - f(a_s)
+        Timing::Cycle { len_min } => {
+            if rng.gen_bool(duty.clamp(0.0, 1.0)) {
+                Physics::Running { remaining_s: rng.gen_range(60..=((len_min * 60.0) as i64).max(60)) }
+            } else {
+                Physics::Idle
             }
-            Physics::Running { remaining_s } => (b_s.min(remaining_s) - a_s.max(0)).max(0),
-            Physics::Idle => 0,
-        }
-    }
-
-    /// Average shed over a planned window of `len_s`: what the appliance reports when it starts.
-    pub fn expected_shed_w(&self, power_w: u32, len_s: i64) -> u32 {
-        if len_s <= 0 {
-            return 0;
-        }
-        (f64::from(power_w) * self.baseline_on_s(0, len_s) as f64 / len_s as f64).round() as u32
-    }
-
-    /// Intervals (seconds after the deferral began) of extra draw after release at `end_s`, each at full power.
-    fn payback_s(&self, end_s: i64) -> Vec<(i64, i64)> {
-        match *self {
-            Physics::Thermostat { .. } => {
-                // Runs through its off-time from release until the shed on-seconds are made back; a minute at a
-                // time, and never for more than a day (an off-time of zero would never pay back).
-                let mut owed_s = self.baseline_on_s(0, end_s);
-                let mut out = Vec::new();
-                let mut t = end_s;
-                while owed_s > 0 && t - end_s < 24 * 3600 {
-                    let off_s = 60 - self.baseline_on_s(t, t + 60);
-                    let take = off_s.min(owed_s);
-                    if take > 0 {
-                        out.push((t, t + take));
-                    }
-                    owed_s -= take;
-                    t += 60;
-                }
-                out
-            }
-            Physics::Running { remaining_s } => {
-                // The rest of the cycle runs after release: load above baseline wherever the baseline had ended.
-                let from = end_s.max(remaining_s);
-                let to = end_s + remaining_s;
-                if to > from { vec![(from, to)] } else { Vec::new() }
-            }
-            Physics::Idle => Vec::new(),
         }
     }
 }
@@ -272,7 +178,7 @@ impl Appliance for SimAppliance {
     fn defer(&self, d: &Deferral) -> Result<u32, String> {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         let start_unix_ms = self.clock.now_unix_ms().max(d.start_unix_ms);
-        let physics = Physics::draw(self.class, self.duty, &mut *rng);
+        let physics = draw_physics(self.class, self.duty, &mut *rng);
         let len_s = (d.end_unix_ms - start_unix_ms) / 1000;
         let reduction_w = physics.expected_shed_w(self.power_w, len_s);
         let recent = self.log.note_start(self.household, start_unix_ms);
@@ -366,7 +272,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(11);
         for _ in 0..500 {
             let class = ApplianceClass::ALL[rng.gen_range(0..ApplianceClass::ALL.len())];
-            let physics = Physics::draw(class, 0.5, &mut rng);
+            let physics = draw_physics(class, 0.5, &mut rng);
             let a = applied(physics, rng.gen_range(1..90));
             let (shed, payback) = series(&a);
             let (s, p) = (shed.iter().sum::<f64>(), payback.iter().sum::<f64>());

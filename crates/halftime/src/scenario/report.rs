@@ -119,6 +119,8 @@ pub struct Minute {
     pub payback_mw: f64,
     /// The plan's expected net reduction.
     pub expected_mw: f64,
+    /// The plan's expected net rise above baseline (its rebound estimate).
+    pub planned_rebound_mw: f64,
     /// The engine's own estimate on `WatchEvent`.
     pub estimated_mw: f64,
     /// What the appliances reported shedding when they started (their average over the planned window).
@@ -270,6 +272,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             };
             let target_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.target_kw)).sum();
             let expected_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.expected_kw)).sum();
+            let planned_rebound_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.rebound_kw)).sum();
             let baseline_mw = i.baseline.mw_at(t + MS_PER_MIN / 2);
             minutes.push(Minute {
                 t: format_utc(t),
@@ -282,6 +285,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
                 payback_mw: payback[m] / 1e6,
                 suppliable_mw: suppliable.get(k).copied().unwrap_or(0.0) / 1e6,
                 expected_mw: expected_kw / 1e3 + 0.0,
+                planned_rebound_mw: planned_rebound_kw / 1e3 + 0.0,
                 estimated_mw: i.estimated_mw.get(k).copied().unwrap_or(0.0),
                 reported_mw: i.applied_mw.get(k).copied().unwrap_or(0.0),
                 with_halftime_mw: baseline_mw + (payback[m] - shed[m]) / 1e6,

@@ -1,0 +1,179 @@
+//! Appliance physics: what deferring an appliance sheds, and what it draws afterwards to pay the energy back.
+//! The simulator draws each appliance's state at random; the planner plans with the expectation over those
+//! states (`expected_response`), so the two share one model.
+//!
+//! - Thermostatic loads (fridge, freezer, heat pump, water heater) cycle on and off with the class's on-time and
+//!   duty cycle. A deferral sheds whatever the compressor or element would have drawn in the window; after
+//!   release it runs flat out through its off-time until it has made the shed energy back.
+//! - Wet appliances and EV chargers are idle or part-way through a cycle or session. A pause sheds their full
+//!   draw until the cycle would have ended; the rest of the cycle runs after release, so its tail lands later.
+
+use crate::appliance::{ApplianceClass, Timing};
+
+/// What the appliance was doing when a deferral began; decides what it sheds and pays back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Physics {
+    /// On for `on_s` of every `period_s`; on at `t` (s) when `(t - phase_s) mod period_s < on_s`.
+    Thermostat { period_s: i64, on_s: i64, phase_s: i64 },
+    /// Part-way through a cycle or charging session that had `remaining_s` left when the deferral began.
+    Running { remaining_s: i64 },
+    /// Idle: nothing to shed, nothing to pay back.
+    Idle,
+}
+
+impl Physics {
+    /// Seconds the appliance would have been drawing power in `[a_s, b_s)` (seconds after the deferral began),
+    /// had it not been deferred.
+    pub fn baseline_on_s(&self, a_s: i64, b_s: i64) -> i64 {
+        if b_s <= a_s {
+            return 0;
+        }
+        match *self {
+            Physics::Thermostat { period_s, on_s, phase_s } => {
+                let f = |t: i64| {
+                    let u = t - phase_s;
+                    u.div_euclid(period_s) * on_s + u.rem_euclid(period_s).min(on_s)
+                };
+                f(b_s) - f(a_s)
+            }
+            Physics::Running { remaining_s } => (b_s.min(remaining_s) - a_s.max(0)).max(0),
+            Physics::Idle => 0,
+        }
+    }
+
+    /// Average shed over a planned window of `len_s`: what the appliance reports when it starts.
+    pub fn expected_shed_w(&self, power_w: u32, len_s: i64) -> u32 {
+        if len_s <= 0 {
+            return 0;
+        }
+        (f64::from(power_w) * self.baseline_on_s(0, len_s) as f64 / len_s as f64).round() as u32
+    }
+
+    /// Intervals (seconds after the deferral began) of extra draw after release at `end_s`, each at full power.
+    pub fn payback_s(&self, end_s: i64) -> Vec<(i64, i64)> {
+        match *self {
+            Physics::Thermostat { .. } => {
+                // Runs through its off-time from release until the shed on-seconds are made back; a minute at a
+                // time, and never for more than a day (an off-time of zero would never pay back).
+                let mut owed_s = self.baseline_on_s(0, end_s);
+                let mut out = Vec::new();
+                let mut t = end_s;
+                while owed_s > 0 && t - end_s < 24 * 3600 {
+                    let off_s = 60 - self.baseline_on_s(t, t + 60);
+                    let take = off_s.min(owed_s);
+                    if take > 0 {
+                        out.push((t, t + take));
+                    }
+                    owed_s -= take;
+                    t += 60;
+                }
+                out
+            }
+            Physics::Running { remaining_s } => {
+                // The rest of the cycle runs after release: load above baseline wherever the baseline had ended.
+                let from = end_s.max(remaining_s);
+                let to = end_s + remaining_s;
+                if to > from { vec![(from, to)] } else { Vec::new() }
+            }
+            Physics::Idle => Vec::new(),
+        }
+    }
+}
+
+/// Expected response of one appliance of `class` deferred for `deferral_min` minutes at a random point of its
+/// cycle, per minute, in units of the class's expected reduction (rated power × duty cycle): `shed[k]` for the
+/// k-th minute of the deferral, `payback[k]` for the k-th minute after release. Energy is conserved: the sums
+/// are equal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Response {
+    pub shed: Vec<f64>,
+    pub payback: Vec<f64>,
+}
+
+/// Points of the cycle averaged over.
+const RESPONSE_SAMPLES: u32 = 96;
+
+pub fn expected_response(class: ApplianceClass, deferral_min: u32) -> Response {
+    let profile = class.profile();
+    let duty = f64::from(profile.duty_cycle_permille) / 1000.0;
+    let d = i64::from(deferral_min.max(1));
+    let end_s = d * 60;
+    let states: Vec<Physics> = (0..RESPONSE_SAMPLES)
+        .map(|i| {
+            let u = (f64::from(i) + 0.5) / f64::from(RESPONSE_SAMPLES);
+            match profile.timing {
+                Timing::Thermostat { on_min } => {
+                    let on_s = (on_min * 60.0) as i64;
+                    let period_s = ((on_min / duty) * 60.0) as i64;
+                    Physics::Thermostat { period_s, on_s, phase_s: (u * period_s as f64) as i64 }
+                }
+                // Given it is running (a share `duty` of them are), the rest of its cycle is uniform.
+                Timing::Cycle { len_min } => {
+                    Physics::Running { remaining_s: 60 + (u * (len_min * 60.0 - 60.0)) as i64 }
+                }
+            }
+        })
+        .collect();
+    // Per unit of expected reduction (P × duty): a thermostat's phases shed `duty` of P on average, so divide
+    // by it; the cycle samples are running appliances only (a share `duty` of all), whose P is 1 / duty units,
+    // times the `duty` chance of running: no scaling.
+    let scale = match profile.timing {
+        Timing::Thermostat { .. } => 1.0 / (f64::from(RESPONSE_SAMPLES) * duty),
+        Timing::Cycle { .. } => 1.0 / f64::from(RESPONSE_SAMPLES),
+    };
+    let mut shed = vec![0.0; d as usize];
+    let mut payback: Vec<f64> = Vec::new();
+    for p in &states {
+        for (k, s) in shed.iter_mut().enumerate() {
+            let k = k as i64;
+            *s += p.baseline_on_s(k * 60, k * 60 + 60) as f64 / 60.0 * scale;
+        }
+        for (a, b) in p.payback_s(end_s) {
+            let (a, b) = (a - end_s, b - end_s);
+            let last = (b / 60 + 1) as usize;
+            if payback.len() < last {
+                payback.resize(last, 0.0);
+            }
+            for m in a / 60..=b / 60 {
+                let overlap = (b.min(m * 60 + 60) - a.max(m * 60)).max(0);
+                if let Some(x) = payback.get_mut(m as usize) {
+                    *x += overlap as f64 / 60.0 * scale;
+                }
+            }
+        }
+    }
+    while payback.last().is_some_and(|x| *x == 0.0) {
+        payback.pop();
+    }
+    Response { shed, payback }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_response_conserves_energy_and_sheds_the_expected_reduction() {
+        for class in ApplianceClass::ALL {
+            for d in [1, 5, 15, 30, 60, 120] {
+                let r = expected_response(class, d);
+                let (s, p) = (r.shed.iter().sum::<f64>(), r.payback.iter().sum::<f64>());
+                assert!((s - p).abs() < 1e-6 * s.max(1.0), "{class:?} {d}: shed {s} paid back {p}");
+                // A thermostat sheds its expected reduction in every minute; a cycle less as cycles end.
+                let mean = s / f64::from(d);
+                assert!(mean <= 1.01 && mean > 0.3, "{class:?} {d}: mean shed {mean}");
+                if matches!(class.profile().timing, Timing::Thermostat { .. }) {
+                    assert!((mean - 1.0).abs() < 0.05, "{class:?} {d}: mean shed {mean}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_water_heater_pays_back_over_about_its_on_time_not_at_once() {
+        let r = expected_response(ApplianceClass::WaterHeater, 30);
+        // Payback starts at release, and lasts about an on-time (15 min) plus the off-time it falls into.
+        assert!(r.payback[0] > 0.0);
+        assert!(r.payback.len() >= 15, "{} minutes", r.payback.len());
+    }
+}
