@@ -70,3 +70,30 @@ async fn the_small_scenario_runs_to_completion_and_its_report_holds_the_invarian
         assert!(svg.starts_with("<svg") && svg.contains("<text"), "{plot} has no labels");
     }
 }
+
+/// Every scenario shipped in `scenarios/` parses, its events expand, and its data files load.
+#[test]
+fn every_shipped_scenario_parses_and_its_data_loads() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let s = halftime_sim::Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let events = halftime::scenario::plan_events(&s, &dir).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        assert!(!events.is_empty(), "{}", path.display());
+        for e in &events {
+            assert!(e.target_mw.iter().any(|t| *t > 0.0), "{}: {} asks for nothing", path.display(), e.label);
+        }
+        if s.population.n_households <= 200_000 {
+            let regions = halftime_core::RegionSet::gb_dno_areas();
+            let population = halftime_sim::Population::generate(&s.population, &regions, s.seed).unwrap();
+            let baseline = halftime::scenario::Baseline::load(&s, &dir, &population).unwrap();
+            assert!(baseline.mw_at(events[0].start_unix_ms) > 0.0, "{}", path.display());
+        }
+        n += 1;
+    }
+    assert!(n >= 7, "{n} scenarios");
+}

@@ -47,14 +47,16 @@ pub struct Active {
     pub end_unix_ms: i64,
 }
 
-const N_RECENT: usize = 16;
+/// Retries come soon after the original; older counters are refused as replays by `last_counter`.
+const N_RECENT: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct DeviceGuard {
     device: ApplianceId,
     policy: DevicePolicy,
     last_counter: u64,
-    recent: Vec<u64>,
+    /// The last commands that verified, so a re-sent copy is recognised without verifying it again.
+    recent: Vec<SignedCommand>,
     day: i64,
     deferred_s_today: u32,
     active: Option<Active>,
@@ -96,12 +98,17 @@ impl DeviceGuard {
         if c.device != self.device {
             return Verdict::Reject(RejectReason::Malformed);
         }
+        // A byte-for-byte copy of a command that already verified (a retry after a lost acknowledgement) needs
+        // no second verification; anything else with a seen counter is verified and then refused as a replay.
+        if self.recent.contains(signed) {
+            return Verdict::Duplicate;
+        }
         match trusted.verify(signed) {
             Ok(()) => {}
             Err(VerifyError::UnknownKey(_)) => return Verdict::Reject(RejectReason::UnknownKey),
             Err(VerifyError::BadSignature) => return Verdict::Reject(RejectReason::BadSignature),
         }
-        if self.recent.contains(&c.counter) {
+        if self.recent.iter().any(|r| r.command.counter == c.counter) {
             return Verdict::Duplicate;
         }
         if c.counter <= self.last_counter {
@@ -112,7 +119,7 @@ impl DeviceGuard {
         if self.recent.len() == N_RECENT {
             self.recent.remove(0);
         }
-        self.recent.push(c.counter);
+        self.recent.push(*signed);
         if now_unix_ms >= c.not_after_unix_ms {
             return Verdict::Reject(RejectReason::Expired);
         }

@@ -281,6 +281,40 @@ mod tests {
         }
     }
 
+    /// Averaged over many appliances, what the simulated ones shed and pay back is what the planner expects.
+    #[test]
+    fn many_simulated_appliances_follow_the_planners_expected_response() {
+        let seed = 2018;
+        let mut rng = SmallRng::seed_from_u64(seed);
+        for class in ApplianceClass::ALL {
+            for d in [10u32, 30] {
+                let duty = f64::from(class.profile().duty_cycle_permille) / 1000.0;
+                let n = 100_000;
+                let (mut shed, mut payback) = (vec![0.0; 600], vec![0.0; 600]);
+                for _ in 0..n {
+                    let a = Applied { class, ..applied(draw_physics(class, duty, &mut rng), i64::from(d)) };
+                    a.add_to(0, &mut shed, &mut payback);
+                }
+                let unit = 600.0 * duty * f64::from(n);
+                let want = halftime_core::physics::expected_response(class, d);
+                let window = |v: &[f64], a: usize, b: usize| v[a.min(v.len())..b.min(v.len())].iter().sum::<f64>();
+                let (got_shed, want_shed) = (window(&shed, 0, d as usize) / unit, want.shed.iter().sum::<f64>());
+                assert!((got_shed / want_shed - 1.0).abs() < 0.05, "seed {seed} {class:?} {d}: shed {got_shed} vs {want_shed}");
+                // Payback in each 10 minutes after release.
+                let d = d as usize;
+                for from in (0..300).step_by(10) {
+                    let got = window(&payback, d + from, d + from + 10) / unit;
+                    let want = window(&want.payback, from, from + 10);
+                    assert!(
+                        (got - want).abs() < 0.03 * want_shed + 0.02,
+                        "seed {seed} {class:?} {d}: payback {from}..{} min after release {got} vs {want}",
+                        from + 10
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn overrides_grow_with_length_and_recent_deferrals() {
         assert!(override_chance(0.1, 40.0, 0) > override_chance(0.1, 20.0, 0));

@@ -54,7 +54,7 @@ pub fn load_pickup(path: &Path, event_id: &str) -> Result<Vec<(i64, f64)>, Deman
 
 /// A column of the NESO historic demand file (`TIMESTAMP` in UK clock time, start of the settlement period),
 /// as (Unix ms, MW) at the middle of each half hour, sorted. Rows the clock change makes ambiguous take the
-/// earlier instant; none are dropped.
+/// earlier instant; empty cells (gaps in the source) are skipped, so readers interpolate across them.
 pub fn load_national(path: &Path, column: &str) -> Result<Vec<(i64, f64)>, DemandError> {
     let err = |reason: String| DemandError::Data { path: path.display().to_string(), reason };
     let mut rdr = csv::Reader::from_path(path).map_err(|e| err(e.to_string()))?;
@@ -71,8 +71,12 @@ pub fn load_national(path: &Path, column: &str) -> Result<Vec<(i64, f64)>, Deman
             .from_local_datetime(&local)
             .earliest()
             .map_or_else(|| local.and_utc().timestamp_millis(), |t| t.timestamp_millis());
-        let mw: f64 =
-            row.get(col).unwrap_or("").parse().map_err(|_| err(format!("row {line}: {column} is not a number")))?;
+        let cell = row.get(col).unwrap_or("").trim();
+        if cell.is_empty() {
+            // A gap in the source (around clock changes): interpolated across.
+            continue;
+        }
+        let mw: f64 = cell.parse().map_err(|_| err(format!("row {line}: {column} is not a number")))?;
         out.push((t + 15 * 60_000, mw));
     }
     if out.len() < 2 {
@@ -125,6 +129,8 @@ mod tests {
         assert_eq!(demand_at(&s, parse_utc("2018-07-03T19:30:00Z").unwrap()), 31000.0);
         let err = load_national(&path, "XX").unwrap_err().to_string();
         assert!(err.contains("no column \"XX\""), "{err}");
+        std::fs::write(&path, format!("{text}2018-07-03 21:00:00,,\n")).unwrap();
+        assert_eq!(load_national(&path, "ND").unwrap().len(), 2, "an empty cell is a gap");
         std::fs::write(&path, "TIMESTAMP,ND\n2018-07-03 20:00:00,lots\n").unwrap();
         let err = load_national(&path, "ND").unwrap_err().to_string();
         assert!(err.contains("row 2: ND is not a number"), "{err}");

@@ -193,6 +193,9 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
     let mut config = Config::default();
     // The closed loop ticks in real time: keep it at a few virtual seconds however fast the clock runs.
     config.engine.tick_interval_ms = ((2_000.0 / speed) as u64).clamp(10, 200);
+    // Retries are timed on the engine's clock; keep them seconds apart in real time, as on a real network, or
+    // the accelerated clock re-sends every unacknowledged command many times a second.
+    config.headend.retry_interval_ms = (config.headend.retry_interval_ms as f64 * speed) as i64;
     let regions = config.region_set()?;
     let system_caps = config.engine_config()?.system_caps;
     let population = Population::generate(&scenario.population, &regions, scenario.seed).map_err(anyhow::Error::msg)?;
@@ -440,18 +443,25 @@ async fn enrol(
     }
     let enrolled: std::collections::HashSet<u64> = population.appliances.iter().map(|a| a.household.0).collect();
     let mut limits_of = HashMap::with_capacity(population.households.len());
+    // Households set their limits independently: a bounded number of calls in flight at once.
+    const IN_FLIGHT_MAX: usize = 64;
+    let mut in_flight = tokio::task::JoinSet::new();
     for h in &population.households {
         let effective = h.own_limits.as_ref().map_or_else(|| system_caps.clone(), |l| l.tighter(system_caps));
         limits_of.insert(h.id.0, effective);
         if let (Some(l), true) = (&h.own_limits, enrolled.contains(&h.id.0)) {
-            household
-                .set_limits(pb::SetLimitsRequest {
-                    household_id: h.id.0,
-                    limits: Some(halftime_proto::limits_to_pb(l)),
-                })
-                .await
-                .context("setting limits")?;
+            if in_flight.len() >= IN_FLIGHT_MAX
+                && let Some(done) = in_flight.join_next().await
+            {
+                done.context("limits task")??;
+            }
+            let mut client = household.clone();
+            let request = pb::SetLimitsRequest { household_id: h.id.0, limits: Some(halftime_proto::limits_to_pb(l)) };
+            in_flight.spawn(async move { client.set_limits(request).await.map(drop).context("setting limits") });
         }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        done.context("limits task")??;
     }
     Ok(limits_of)
 }
@@ -464,7 +474,11 @@ async fn connect(
     override_tx: tokio::sync::mpsc::Sender<halftime_sim::appliance::OverrideRequest>,
 ) -> anyhow::Result<(Vec<LinkHandle>, HashMap<ApplianceId, usize>)> {
     let (scenario, population) = (sim.scenario, sim.population);
-    let n_gateways = (scenario.run.gateways as usize).min(population.appliances.len().max(1));
+    // As many links as asked for, but never more devices on one than a link takes, nor more links than devices.
+    let n_appliances = population.appliances.len().max(1);
+    let n_gateways = (scenario.run.gateways as usize)
+        .max(n_appliances.div_ceil(halftime_client::DEVICES_PER_LINK_MAX - 1))
+        .min(n_appliances);
     let override_of: HashMap<u64, f64> =
         population.households.iter().map(|h| (h.id.0, h.override_propensity)).collect();
     let mut gateway_of = HashMap::with_capacity(population.appliances.len());
