@@ -208,6 +208,10 @@ mod tests {
             Verdict::Duplicate,
             "a re-delivery is acknowledged, not re-applied"
         );
+        // A copy with the same counter but other content is verified, not taken for the re-delivery.
+        let mut forged = c;
+        forged.command.deferral_s = 900;
+        assert_eq!(guard.check(&trusted, &forged, NOW, 0), Verdict::Reject(RejectReason::BadSignature));
         guard.clear_active();
         let old = signer.sign(defer(4, 600));
         assert_eq!(guard.check(&trusted, &old, NOW, 0), Verdict::Reject(RejectReason::Replayed));
