@@ -165,19 +165,23 @@ impl Baseline {
     }
 }
 
-/// Stretches of virtual time the run lives through, minute-aligned: from a few minutes before each event is
-/// submitted to `tail_min` after it ends, merged where they overlap. The clock jumps over the gaps.
+/// Stretches of virtual time the run lives through: from a few minutes before each event is submitted to
+/// `tail_min` after it ends, merged where they overlap. Each stretch is whole minutes from its first event's
+/// start, so that report minutes line up with the event's slots. The clock jumps over the gaps.
 pub fn windows(events: &[PlannedEvent], lead_min: u32, tail_min: u32) -> Vec<(i64, i64)> {
     let mut out: Vec<(i64, i64)> = Vec::new();
     for e in events {
         let lead = if e.announced { i64::from(lead_min) } else { 0 };
-        let from = (e.start_unix_ms - (lead + 3) * MS_PER_MIN).div_euclid(MS_PER_MIN) * MS_PER_MIN;
+        let from = e.start_unix_ms - (lead + 3) * MS_PER_MIN;
         let to = e.end_unix_ms() + i64::from(tail_min) * MS_PER_MIN;
-        let to = to.div_euclid(MS_PER_MIN) * MS_PER_MIN + if to % MS_PER_MIN == 0 { 0 } else { MS_PER_MIN };
         match out.last_mut() {
             Some(last) if from <= last.1 => last.1 = last.1.max(to),
             _ => out.push((from, to)),
         }
+    }
+    for w in &mut out {
+        let minutes = (w.1 - w.0 + MS_PER_MIN - 1) / MS_PER_MIN;
+        w.1 = w.0 + minutes * MS_PER_MIN;
     }
     out
 }
@@ -620,5 +624,34 @@ fn live_row(
         estimated_mw: estimated_kw.max(0.0) / 1e3,
         applied_mw: applied_w / 1e6,
         households,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(start_unix_ms: i64, minutes: usize, announced: bool) -> PlannedEvent {
+        PlannedEvent {
+            label: String::new(),
+            regions: vec!["_C".into()],
+            start_unix_ms,
+            target_mw: vec![1.0; minutes],
+            deferral_min_max: 20,
+            announced,
+        }
+    }
+
+    #[test]
+    fn windows_line_up_with_event_slots_merge_overlaps_and_skip_gaps() {
+        let t = 1_000 * MS_PER_MIN + 33_000;
+        let day = 24 * 60 * MS_PER_MIN;
+        let w = windows(&[event(t, 10, true), event(t + 5 * MS_PER_MIN, 10, false), event(t + day, 10, true)], 2, 15);
+        assert_eq!(w.len(), 2);
+        // Announced 2 minutes ahead, 3 minutes before that; to 15 minutes after the second event's end.
+        assert_eq!(w[0], (t - 5 * MS_PER_MIN, t + 30 * MS_PER_MIN));
+        assert_eq!(w[1], (t + day - 5 * MS_PER_MIN, t + day + 25 * MS_PER_MIN));
+        // A trip is not announced.
+        assert_eq!(windows(&[event(t, 1, false)], 10, 0), vec![(t - 3 * MS_PER_MIN, t + MS_PER_MIN)]);
     }
 }
