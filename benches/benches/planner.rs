@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
             target_w: (0..n_slots).map(|t| 1e8 * (1.0 - ((t as f64 / n_slots as f64) - 0.4).abs())).collect(),
             cohorts: cohorts(14, n_budget_bands),
             rebound_fraction_max: 0.1,
+            rebound_sigmas: 2.0,
             deferral_min_max: 30,
         };
         let columns = 8 * usize::from(n_budget_bands) * 3;

@@ -81,7 +81,8 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     let req = PlanRequest {
         target_w: input.target_w.to_vec(),
         cohorts,
-        rebound_fraction_max: inner.config.rebound_fraction_max * (1.0 - inner.config.rebound_headroom),
+        rebound_fraction_max: inner.config.rebound_fraction_max,
+        rebound_sigmas: inner.config.rebound_sigmas,
         deferral_min_max: input.deferral_min_max,
     };
     let plan = halftime_planner::plan(&req).map_err(|e| EngineError::Internal(e.to_string()))?;

@@ -38,9 +38,9 @@ pub struct EngineConfig {
     pub system_caps: Limits,
     /// Rebound in any slot may not exceed this fraction of the event's peak target.
     pub rebound_fraction_max: f64,
-    /// Share of that cap the plan leaves unused: real appliances scatter around their expected payback, so a
-    /// plan that used the whole cap would break it about half the time.
-    pub rebound_headroom: f64,
+    /// Standard deviations of the scatter among individual appliances that the planned rebound leaves room for
+    /// under the cap (a plan to the cap itself would break it about half the time).
+    pub rebound_sigmas: f64,
     pub fairness_window_days: u32,
     pub retention_days: u32,
     /// Devices pick a random start offset in [0, this] (IEEE 2030.5 randomizeStart).
@@ -58,7 +58,7 @@ impl Default for EngineConfig {
             regions: RegionSet::gb_dno_areas(),
             system_caps: Limits::system_default(),
             rebound_fraction_max: 0.1,
-            rebound_headroom: 0.3,
+            rebound_sigmas: 2.0,
             fairness_window_days: 7,
             retention_days: 30,
             randomize_start_s: 30,

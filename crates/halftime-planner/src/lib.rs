@@ -47,6 +47,9 @@ pub struct PlanRequest {
     pub cohorts: Vec<Cohort>,
     /// Rebound in any slot may not exceed this fraction of the peak target.
     pub rebound_fraction_max: f64,
+    /// Plan the expected rebound low enough that this many standard deviations of the scatter among individual
+    /// appliances still fit under the cap (0 plans to the cap itself). See [`rebound_plan_cap_w`].
+    pub rebound_sigmas: f64,
     /// The event's longest deferral.
     pub deferral_min_max: u32,
 }
@@ -87,6 +90,32 @@ pub enum PlanError {
     Invalid(&'static str),
     #[error("LP solver failed: {0}")]
     Solver(String),
+}
+
+/// The expected rebound to plan for, so that the real one stays under `cap_w`. Appliances pay back whole: at a
+/// given minute each one either draws its power or not, so the rebound scatters around its expectation `m`
+/// with a variance of at most `p_max_w × m` (Σ pᵢ² qᵢ ≤ p_max Σ pᵢ qᵢ). Solving `m + z·√(p_max·m) = cap` gives
+/// the largest `m` whose `z`-sigma excursion still fits. Large populations keep almost all of the cap; a few
+/// thousand appliances with 7 kW chargers among them keep about two thirds.
+pub fn rebound_plan_cap_w(cap_w: f64, p_max_w: f64, z: f64) -> f64 {
+    if cap_w <= 0.0 {
+        return 0.0;
+    }
+    let b = z.max(0.0) * p_max_w.max(0.0).sqrt();
+    let x = (-b + (b * b + 4.0 * cap_w).sqrt()) / 2.0;
+    x * x
+}
+
+/// Rated power of the largest appliance among the cohorts, W (expected reduction over duty cycle).
+fn largest_appliance_w(cohorts: &[Cohort]) -> f64 {
+    cohorts
+        .iter()
+        .filter(|c| c.n_appliances > 0)
+        .map(|c| {
+            let duty = f64::from(c.key.class.profile().duty_cycle_permille) / 1000.0;
+            c.reduction_w_sum / f64::from(c.n_appliances) / duty.max(1e-3)
+        })
+        .fold(0.0, f64::max)
 }
 
 /// Expected responses (shed and payback per minute) by class and deferral length, computed once per plan.
@@ -165,7 +194,11 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     let start_step = (n_start_slots as usize).div_ceil(N_START_SLOTS_MAX).max(1);
     let horizon = n_start_slots + REBOUND_HORIZON_TAIL_SLOTS;
     let peak_target_w = req.target_w.iter().copied().fold(0.0, f64::max);
-    let rebound_cap_kw = req.rebound_fraction_max * peak_target_w / 1e3;
+    let rebound_cap_kw = rebound_plan_cap_w(
+        req.rebound_fraction_max * peak_target_w,
+        largest_appliance_w(&req.cohorts),
+        req.rebound_sigmas,
+    ) / 1e3;
 
     let mut vars = ProblemVariables::new();
     // (column, start slot, deferral minutes, variable)
@@ -238,6 +271,9 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     }
     if req.cohorts.len() > N_COHORTS_MAX {
         return Err(PlanError::Invalid("too many cohorts"));
+    }
+    if !(0.0..=10.0).contains(&req.rebound_sigmas) {
+        return Err(PlanError::Invalid("rebound sigmas must be in 0..=10"));
     }
     if !(0.0..=1.0).contains(&req.rebound_fraction_max) {
         return Err(PlanError::Invalid("rebound fraction must be in 0..=1"));

@@ -19,6 +19,7 @@ fn request(target_kw: &[f64], cohorts: Vec<Cohort>) -> PlanRequest {
         target_w: target_kw.iter().map(|k| k * 1e3).collect(),
         cohorts,
         rebound_fraction_max: 0.1,
+        rebound_sigmas: 0.0,
         deferral_min_max: 30,
     }
 }
@@ -116,4 +117,16 @@ proptest! {
             prop_assert!((e.shortfall_w[t] - (req.target_w[t] - e.expected_w[t]).max(0.0)).abs() < 1e-6);
         }
     }
+}
+
+#[test]
+fn the_planned_rebound_leaves_room_for_the_scatter_of_big_appliances() {
+    // No scatter allowed for: the cap itself.
+    assert!((rebound_plan_cap_w(100e3, 7_400.0, 0.0) - 100e3).abs() < 1e-6);
+    // 2 sigmas with 7.4 kW chargers: m + 2·sqrt(7400·m) = 100 kW.
+    let m = rebound_plan_cap_w(100e3, 7_400.0, 2.0);
+    assert!((m + 2.0 * (7_400.0 * m).sqrt() - 100e3).abs() < 1e-6 && m < 70e3 && m > 50e3, "{m}");
+    // At national scale the headroom all but vanishes.
+    assert!(rebound_plan_cap_w(100e6, 7_400.0, 2.0) > 0.98 * 100e6);
+    assert_eq!(rebound_plan_cap_w(0.0, 7_400.0, 2.0), 0.0);
 }

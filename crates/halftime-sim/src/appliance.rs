@@ -299,7 +299,10 @@ mod tests {
                 let want = halftime_core::physics::expected_response(class, d);
                 let window = |v: &[f64], a: usize, b: usize| v[a.min(v.len())..b.min(v.len())].iter().sum::<f64>();
                 let (got_shed, want_shed) = (window(&shed, 0, d as usize) / unit, want.shed.iter().sum::<f64>());
-                assert!((got_shed / want_shed - 1.0).abs() < 0.05, "seed {seed} {class:?} {d}: shed {got_shed} vs {want_shed}");
+                assert!(
+                    (got_shed / want_shed - 1.0).abs() < 0.05,
+                    "seed {seed} {class:?} {d}: shed {got_shed} vs {want_shed}"
+                );
                 // Payback in each 10 minutes after release.
                 let d = d as usize;
                 for from in (0..300).step_by(10) {

@@ -33,7 +33,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
     pub rebound_fraction_max: f64,
-    pub rebound_headroom: f64,
+    pub rebound_sigmas: f64,
     pub fairness_window_days: u32,
     pub retention_days: u32,
     pub randomize_start_s: u32,
@@ -91,7 +91,7 @@ impl Default for EngineSection {
         let e = EngineConfig::default();
         Self {
             rebound_fraction_max: e.rebound_fraction_max,
-            rebound_headroom: e.rebound_headroom,
+            rebound_sigmas: e.rebound_sigmas,
             fairness_window_days: e.fairness_window_days,
             retention_days: e.retention_days,
             randomize_start_s: e.randomize_start_s,
@@ -147,7 +147,7 @@ impl Config {
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         let e = &self.engine;
         anyhow::ensure!((0.0..=1.0).contains(&e.rebound_fraction_max), "engine.rebound_fraction_max: must be in 0..=1");
-        anyhow::ensure!((0.0..1.0).contains(&e.rebound_headroom), "engine.rebound_headroom: must be in 0..1");
+        anyhow::ensure!((0.0..=10.0).contains(&e.rebound_sigmas), "engine.rebound_sigmas: must be in 0..=10");
         anyhow::ensure!(e.fairness_window_days >= 1, "engine.fairness_window_days: must be >= 1");
         anyhow::ensure!(
             e.retention_days >= e.fairness_window_days,
@@ -173,7 +173,7 @@ impl Config {
             regions: self.region_set()?,
             system_caps,
             rebound_fraction_max: e.rebound_fraction_max,
-            rebound_headroom: e.rebound_headroom,
+            rebound_sigmas: e.rebound_sigmas,
             fairness_window_days: e.fairness_window_days,
             retention_days: e.retention_days,
             randomize_start_s: e.randomize_start_s,

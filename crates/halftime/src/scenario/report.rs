@@ -8,7 +8,9 @@
 //!   positive) and `rebound_mw` the net rise (payback less shed, where positive), as the grid sees them; demand
 //!   with Halftime is `baseline - delivered + rebound`.
 //! - `suppliable_mw`: the expected shed of every enrolled appliance whose household's limits would have allowed
-//!   a deferral in that minute, given what it had already been deferred (the rebound cap aside).
+//!   a deferral in that minute, given what it had already been deferred (the rebound cap aside). A minute counts
+//!   as suppliable when that covers the target and the plan reported no shortfall (the rebound cap binds too:
+//!   every kWh shed comes back, and a long plateau runs out of room to put it).
 //! - Burden: minutes deferred, weighted by each appliance's expected kW. Jain's index is taken over households
 //!   enrolled alike: the same appliance classes, on the system's default limits (households with limits of their
 //!   own differ by choice). `jain_burden` is the household-weighted mean over such groups of 20 or more.
@@ -121,6 +123,8 @@ pub struct Minute {
     pub expected_mw: f64,
     /// The plan's expected net rise above baseline (its rebound estimate).
     pub planned_rebound_mw: f64,
+    /// Target the plan said it could not meet (within the rebound cap and every limit).
+    pub shortfall_mw: f64,
     /// The engine's own estimate on `WatchEvent`.
     pub estimated_mw: f64,
     /// What the appliances reported shedding when they started (their average over the planned window).
@@ -194,8 +198,11 @@ pub struct Report {
     /// peak delivered reduction.
     pub rebound_peak_fraction: f64,
     pub minutes_with_target: usize,
-    /// Minutes with a target that the enrolled population could supply within every limit.
+    /// Minutes with a target that the enrolled population could supply within every household's limit
+    /// (`suppliable_mw`) and within the rebound cap (the plan reports no shortfall).
     pub minutes_suppliable: usize,
+    /// Target the plans could not meet, MWh (reported to the operator with each plan).
+    pub shortfall_mwh: f64,
     /// Of those, minutes where delivered reached 95 % of target.
     pub minutes_met: usize,
     /// Lowest delivered / target over the suppliable minutes.
@@ -272,6 +279,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             };
             let target_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.target_kw)).sum();
             let expected_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.expected_kw)).sum();
+            let shortfall_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.shortfall_kw)).sum();
             let planned_rebound_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.rebound_kw)).sum();
             let baseline_mw = i.baseline.mw_at(t + MS_PER_MIN / 2);
             minutes.push(Minute {
@@ -286,6 +294,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
                 suppliable_mw: suppliable.get(k).copied().unwrap_or(0.0) / 1e6,
                 expected_mw: expected_kw / 1e3 + 0.0,
                 planned_rebound_mw: planned_rebound_kw / 1e3 + 0.0,
+                shortfall_mw: shortfall_kw / 1e3 + 0.0,
                 estimated_mw: i.estimated_mw.get(k).copied().unwrap_or(0.0),
                 reported_mw: i.applied_mw.get(k).copied().unwrap_or(0.0),
                 with_halftime_mw: baseline_mw + (payback[m] - shed[m]) / 1e6,
@@ -295,7 +304,9 @@ pub fn build(i: &Inputs<'_>) -> Report {
     }
     let peak_delivered_mw = minutes.iter().map(|m| m.delivered_mw).fold(0.0, f64::max);
     let with_target: Vec<&Minute> = minutes.iter().filter(|m| m.target_mw > 0.0).collect();
-    let suppliable_minutes: Vec<&&Minute> = with_target.iter().filter(|m| m.suppliable_mw >= m.target_mw).collect();
+    // Suppliable: within every household's limits, and within the rebound cap by the plan's own account.
+    let suppliable_minutes: Vec<&&Minute> =
+        with_target.iter().filter(|m| m.suppliable_mw >= m.target_mw && m.shortfall_mw <= 0.01 * m.target_mw).collect();
     let ratio = |m: &Minute| m.delivered_mw / m.target_mw;
 
     let (groups, burden_minutes, households_deferred) = fairness(i);
@@ -366,6 +377,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             0.0
         },
         minutes_with_target: with_target.len(),
+        shortfall_mwh: mwh(&|m| m.shortfall_mw),
         minutes_suppliable: suppliable_minutes.len(),
         minutes_met: suppliable_minutes.iter().filter(|m| ratio(m) >= 0.95).count(),
         delivered_to_target_min: suppliable_minutes.iter().map(|m| ratio(m)).fold(f64::INFINITY, f64::min).min(1e9),
@@ -571,7 +583,11 @@ fn markdown(r: &Report) -> String {
         ("peak delivered reduction", format!("{:.4} MW", r.peak_delivered_mw)),
         ("largest net rise above baseline / peak reduction", format!("{:.1} %", r.rebound_peak_fraction * 100.0)),
         ("minutes with a target", r.minutes_with_target.to_string()),
-        ("... that the population could supply within every limit", r.minutes_suppliable.to_string()),
+        (
+            "... that the population could supply within every limit and the rebound cap",
+            r.minutes_suppliable.to_string(),
+        ),
+        ("target the plans reported they could not meet", format!("{:.4} MWh", r.shortfall_mwh)),
         ("... of those with delivered >= 95 % of target", r.minutes_met.to_string()),
         ("lowest delivered / target where suppliable", format!("{:.3}", r.delivered_to_target_min)),
         ("households deferred", r.households_deferred.to_string()),
