@@ -96,14 +96,15 @@ pub enum PlanError {
 /// given minute each one either draws its power or not, so the rebound scatters around its expectation `m`
 /// with a variance of at most `p_max_w × m` (Σ pᵢ² qᵢ ≤ p_max Σ pᵢ qᵢ). Solving `m + z·√(p_max·m) = cap` gives
 /// the largest `m` whose `z`-sigma excursion still fits. Large populations keep almost all of the cap; a few
-/// thousand appliances with 7 kW chargers among them keep about two thirds.
+/// thousand appliances with 7 kW chargers among them keep about two thirds. The bound is loose for small
+/// populations (it prices every appliance as the largest), so the plan never keeps less than half the cap.
 pub fn rebound_plan_cap_w(cap_w: f64, p_max_w: f64, z: f64) -> f64 {
     if cap_w <= 0.0 {
         return 0.0;
     }
     let b = z.max(0.0) * p_max_w.max(0.0).sqrt();
     let x = (-b + (b * b + 4.0 * cap_w).sqrt()) / 2.0;
-    x * x
+    (x * x).max(cap_w / 2.0)
 }
 
 /// Rated power of the largest appliance among the cohorts, W (expected reduction over duty cycle).
@@ -234,8 +235,17 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     for &sf in &shortfall {
         objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT, sf);
     }
-    let n_variables = starts.len() + shortfall.len();
+    // Where the target cannot be met, every slot falls short by the same fraction of its target, the smallest
+    // possible: without it the LP is free to drop whole minutes (the first minutes of a trip, say) instead.
+    // Weighted above any amount of per-slot shortfall, so it is minimised first.
+    let short_fraction = vars.add(variable().min(0.0).max(1.0));
+    let target_kw_sum: f64 = req.target_w.iter().sum::<f64>() / 1e3;
+    objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (target_kw_sum + 1.0), short_fraction);
+    let n_variables = starts.len() + shortfall.len() + 1;
     let mut problem = vars.minimise(objective).using(solver);
+    for (t, &sf) in shortfall.iter().enumerate() {
+        problem.add_constraint((sf - short_fraction * (req.target_w[t] / 1e3)).leq(0.0));
+    }
     for (t, mut expr) in net.into_iter().enumerate() {
         if t < n_slots as usize {
             expr.add_mul(1.0, shortfall[t]);

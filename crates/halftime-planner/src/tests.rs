@@ -128,5 +128,25 @@ fn the_planned_rebound_leaves_room_for_the_scatter_of_big_appliances() {
     assert!((m + 2.0 * (7_400.0 * m).sqrt() - 100e3).abs() < 1e-6 && m < 70e3 && m > 50e3, "{m}");
     // At national scale the headroom all but vanishes.
     assert!(rebound_plan_cap_w(100e6, 7_400.0, 2.0) > 0.98 * 100e6);
+    // A cap no bigger than one charger: the plan still keeps half of it.
+    assert_eq!(rebound_plan_cap_w(8e3, 7_400.0, 2.0), 4e3);
     assert_eq!(rebound_plan_cap_w(0.0, 7_400.0, 2.0), 0.0);
+}
+
+/// A sustained target the population cannot carry under the rebound cap (a trip) falls short by about the same
+/// fraction in every minute, rather than dropping its first minutes.
+#[test]
+fn an_unmeetable_target_falls_short_evenly() {
+    let cohorts = vec![
+        cohort(0, ApplianceClass::Fridge, 6, 0, 3_000),
+        cohort(0, ApplianceClass::WaterHeater, 6, 0, 300),
+        cohort(0, ApplianceClass::EvCharger, 6, 0, 100),
+    ];
+    let req = request(&[300.0; 20], cohorts);
+    let plan = plan(&req).unwrap();
+    let e = &plan.evaluation;
+    let ratios: Vec<f64> = e.expected_w.iter().zip(&req.target_w).map(|(x, t)| x / t).collect();
+    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    assert!(hi < 0.999, "the target should be out of reach: {ratios:?}");
+    assert!(lo > 0.4, "a minute left far short of the others: {ratios:?}");
 }

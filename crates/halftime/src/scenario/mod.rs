@@ -605,7 +605,8 @@ fn live_row(
     log: &SimLog,
 ) -> LiveRow {
     let slot = |start: i64, v: &[f64]| -> f64 {
-        let s = (minute - start).div_euclid(MS_PER_MIN);
+        // Nearest slot: a trip's plan starts when the engine received it, a moment after the minute.
+        let s = ((minute - start) as f64 / MS_PER_MIN as f64).round() as i64;
         if s < 0 { 0.0 } else { v.get(s as usize).copied().unwrap_or(0.0) }
     };
     let target_kw: f64 = runs.iter().map(|r| slot(r.plan.start_unix_ms, &r.plan.target_kw)).sum();

@@ -274,7 +274,8 @@ pub fn build(i: &Inputs<'_>) -> Report {
         for m in 0..n {
             let t = from + m as i64 * MS_PER_MIN;
             let slot = |start: i64, v: &[f64]| {
-                let s = (t - start).div_euclid(MS_PER_MIN);
+                // Nearest slot: a trip's plan starts when the engine received it, a moment after the minute.
+                let s = ((t - start) as f64 / MS_PER_MIN as f64).round() as i64;
                 if s < 0 { 0.0 } else { v.get(s as usize).copied().unwrap_or(0.0) }
             };
             let target_kw: f64 = i.events.iter().map(|e| slot(e.plan.start_unix_ms, &e.plan.target_kw)).sum();
