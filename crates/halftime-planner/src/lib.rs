@@ -186,9 +186,31 @@ fn columns(req: &PlanRequest) -> Vec<Column> {
 /// Plans the event. Always succeeds for a valid request: an unmeetable target shows as shortfall.
 pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     validate(req)?;
+    let columns = columns(req);
+    let t0 = Instant::now();
+    // The even-shortfall row can leave the simplex with a singular basis on some inputs; the plan without it
+    // is still valid (the shortfall is then placed where it costs least), so that is the fallback.
+    let (starts, values, n_variables) = match solve_lp(req, &columns, true) {
+        Ok(x) => x,
+        Err(_) => solve_lp(req, &columns, false)?,
+    };
+    let lp_solve_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let allocations = round_and_split(req, &columns, &starts, &values);
+    let evaluation = evaluate(req, &allocations);
+    Ok(Plan { allocations, evaluation, lp_solve_us, n_columns: columns.len(), n_variables })
+}
+
+/// Response coefficients below this share of an appliance's expected reduction are left out of the LP: they
+/// change nothing a plan can see and make the simplex slower and worse conditioned. `evaluate` keeps them all.
+const RESPONSE_COEFFICIENT_MIN: f64 = 1e-3;
+
+/// (column, start slot, deferral minutes) of each start variable, the LP's value for each, and the number of
+/// variables.
+type LpResult = (Vec<(usize, u32, u32)>, Vec<f64>, usize);
+
+fn solve_lp(req: &PlanRequest, columns: &[Column], even_shortfall: bool) -> Result<LpResult, PlanError> {
     // validate() bounds the target to N_SLOTS_MAX.
     let n_slots = req.target_w.len() as u32;
-    let columns = columns(req);
     // Deferrals may start after the target window too, to absorb the payback of earlier ones.
     let tail_starts = columns.iter().flat_map(|c| c.deferral_options_min.first().copied()).max().unwrap_or(0);
     let n_start_slots = n_slots + tail_starts;
@@ -202,8 +224,8 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     ) / 1e3;
 
     let mut vars = ProblemVariables::new();
-    // (column, start slot, deferral minutes, variable)
-    let mut starts: Vec<(usize, u32, u32, Variable)> = Vec::new();
+    let mut starts: Vec<(usize, u32, u32)> = Vec::new();
+    let mut start_vars: Vec<Variable> = Vec::new();
     let mut objective = Expression::with_capacity(columns.len() * 64);
     // Net load change below baseline per slot: active deferrals less rebound.
     let mut net: Vec<Expression> = (0..horizon).map(|_| Expression::with_capacity(64)).collect();
@@ -218,14 +240,19 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
             let response = responses.get(col.key.class, d);
             for s in (0..n_start_slots).step_by(start_step) {
                 let v = vars.add(variable().min(0.0).max(f64::from(col.n_appliances)));
-                starts.push((j, s, d, v));
+                starts.push((j, s, d));
+                start_vars.push(v);
                 // Cost: kW-minutes of discomfort, plus a tie-break towards shorter deferrals.
                 objective.add_mul(weight * r_kw * f64::from(d) + 1e-6 * f64::from(d), v);
                 for (t, shed) in (s..horizon).zip(&response.shed) {
-                    net[t as usize].add_mul(r_net_kw * shed, v);
+                    if *shed >= RESPONSE_COEFFICIENT_MIN {
+                        net[t as usize].add_mul(r_net_kw * shed, v);
+                    }
                 }
                 for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
-                    net[t as usize].add_mul(-r_kw * payback, v);
+                    if *payback >= RESPONSE_COEFFICIENT_MIN {
+                        net[t as usize].add_mul(-r_kw * payback, v);
+                    }
                 }
                 capacity[j].add_mul(1.0, v);
             }
@@ -238,13 +265,17 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     // Where the target cannot be met, every slot falls short by the same fraction of its target, the smallest
     // possible: without it the LP is free to drop whole minutes (the first minutes of a trip, say) instead.
     // Weighted above any amount of per-slot shortfall, so it is minimised first.
-    let short_fraction = vars.add(variable().min(0.0).max(1.0));
-    let target_kw_sum: f64 = req.target_w.iter().sum::<f64>() / 1e3;
-    objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (target_kw_sum + 1.0), short_fraction);
-    let n_variables = starts.len() + shortfall.len() + 1;
+    let short_fraction = even_shortfall.then(|| vars.add(variable().min(0.0).max(1.0)));
+    if let Some(f) = short_fraction {
+        let target_kw_sum: f64 = req.target_w.iter().sum::<f64>() / 1e3;
+        objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (target_kw_sum + 1.0), f);
+    }
+    let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall);
     let mut problem = vars.minimise(objective).using(solver);
-    for (t, &sf) in shortfall.iter().enumerate() {
-        problem.add_constraint((sf - short_fraction * (req.target_w[t] / 1e3)).leq(0.0));
+    if let Some(f) = short_fraction {
+        for (t, &sf) in shortfall.iter().enumerate() {
+            problem.add_constraint((sf - f * (req.target_w[t] / 1e3)).leq(0.0));
+        }
     }
     for (t, mut expr) in net.into_iter().enumerate() {
         if t < n_slots as usize {
@@ -258,13 +289,9 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     for (j, expr) in capacity.into_iter().enumerate() {
         problem.add_constraint(expr.leq(f64::from(columns[j].n_appliances)));
     }
-    let t0 = Instant::now();
     let solution = problem.solve().map_err(|e| PlanError::Solver(e.to_string()))?;
-    let lp_solve_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-
-    let allocations = round_and_split(req, &columns, &starts, |v| solution.value(v));
-    let evaluation = evaluate(req, &allocations);
-    Ok(Plan { allocations, evaluation, lp_solve_us, n_columns: columns.len(), n_variables })
+    let values = start_vars.iter().map(|&v| solution.value(v)).collect();
+    Ok((starts, values, n_variables))
 }
 
 #[cfg(feature = "highs")]
@@ -299,14 +326,13 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
 fn round_and_split(
     req: &PlanRequest,
     columns: &[Column],
-    starts: &[(usize, u32, u32, Variable)],
-    value: impl Fn(Variable) -> f64,
+    starts: &[(usize, u32, u32)],
+    values: &[f64],
 ) -> Vec<Allocation> {
     let mut left_in_column: Vec<u32> = columns.iter().map(|c| c.n_appliances).collect();
     let mut left_in_cohort: Vec<u32> = req.cohorts.iter().map(|c| c.n_appliances).collect();
     let mut out = Vec::new();
-    for &(j, s, d, v) in starts {
-        let x = value(v);
+    for (&(j, s, d), &x) in starts.iter().zip(values) {
         // Rounding up keeps the target met; a hair of solver noise is not an appliance.
         let want = if x > 0.05 { (x - 0.05).ceil() as u32 } else { 0 };
         let n = want.min(left_in_column[j]);
