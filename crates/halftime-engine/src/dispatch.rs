@@ -2,13 +2,13 @@
 //! async executor.
 
 use crate::{EngineError, Inner};
+use ahash::AHashMap as HashMap;
 use halftime_core::time::MS_PER_MIN;
 use halftime_core::{
     Appliance, CommandKind, DeferralCommand, EventId, HouseholdId, RegionId, Reservation, SignedCommand,
 };
 use halftime_ledger::Standing;
 use halftime_planner::{Allocation, Cohort, CohortKey, Evaluation, N_BURDEN_BANDS, PlanRequest, budget_band};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 

@@ -1,8 +1,8 @@
 //! The registry of enrolled appliances: a dense vector with indexes by id, household and region, behind one
 //! read-mostly lock. Planning scans a region's appliances without touching a map per appliance.
 
+use ahash::AHashMap as HashMap;
 use halftime_core::{Appliance, ApplianceId, HouseholdId, RegionId};
-use std::collections::HashMap;
 use std::sync::RwLock;
 
 #[derive(Debug, Default)]

@@ -10,6 +10,7 @@
 //!
 //! Time is passed in. The transport (gRPC streams) lives in the server; this crate sees only channels.
 
+use ahash::RandomState;
 use dashmap::DashMap;
 use halftime_core::{ApplianceId, SignedCommand};
 use std::collections::HashMap;
@@ -47,9 +48,17 @@ pub enum HeadEndError {
     Full { outstanding: usize, requested: usize, max: usize },
 }
 
-struct Unacked {
+/// A command kept for its device until it expires: for retries until acknowledged, and for resync.
+struct Held {
     command: SignedCommand,
+    acked: bool,
     next_retry_unix_ms: i64,
+}
+
+impl Held {
+    fn expired(&self, now_unix_ms: i64) -> bool {
+        self.command.command.not_after_unix_ms <= now_unix_ms
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,10 +71,11 @@ pub struct HeadEnd {
     config: HeadEndConfig,
     next_link: AtomicU64,
     links: DashMap<LinkId, mpsc::Sender<Vec<SignedCommand>>>,
-    routes: DashMap<ApplianceId, LinkId>,
-    unacked: DashMap<ApplianceId, Vec<Unacked>>,
+    // Per-device maps use aHash: they are looked up for every command, and SipHash was most of their cost.
+    routes: DashMap<ApplianceId, LinkId, RandomState>,
+    /// Every command not yet expired, per device; one map so a command costs one lookup and one copy.
+    held: DashMap<ApplianceId, Vec<Held>, RandomState>,
     n_unacked: AtomicUsize,
-    active: DashMap<ApplianceId, Vec<SignedCommand>>,
 }
 
 impl std::fmt::Debug for HeadEnd {
@@ -81,10 +91,9 @@ impl HeadEnd {
             config,
             next_link: AtomicU64::new(1),
             links: DashMap::new(),
-            routes: DashMap::new(),
-            unacked: DashMap::new(),
+            routes: DashMap::with_hasher(RandomState::new()),
+            held: DashMap::with_hasher(RandomState::new()),
             n_unacked: AtomicUsize::new(0),
-            active: DashMap::new(),
         })
     }
 
@@ -114,10 +123,10 @@ impl HeadEnd {
         let mut pending = Vec::new();
         for &d in devices {
             self.routes.insert(d, id);
-            if let Some(mut list) = self.unacked.get_mut(&d) {
-                for u in list.iter_mut().filter(|u| u.command.command.not_after_unix_ms > now_unix_ms) {
-                    u.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
-                    pending.push(u.command);
+            if let Some(mut list) = self.held.get_mut(&d) {
+                for h in list.iter_mut().filter(|h| !h.acked && !h.expired(now_unix_ms)) {
+                    h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                    pending.push(h.command);
                 }
             }
         }
@@ -138,13 +147,15 @@ impl HeadEnd {
         let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
         for c in commands {
             let device = c.command.device;
-            self.unacked
-                .entry(device)
-                .or_default()
-                .push(Unacked { command: *c, next_retry_unix_ms: now_unix_ms + self.config.retry_interval_ms });
-            let mut active = self.active.entry(device).or_default();
-            active.retain(|a| a.command.not_after_unix_ms > now_unix_ms);
-            active.push(*c);
+            let mut list = self.held.entry(device).or_default();
+            // Expired and unacknowledged ones stay for `tick` to report.
+            list.retain(|h| !(h.acked && h.expired(now_unix_ms)));
+            list.push(Held {
+                command: *c,
+                acked: false,
+                next_retry_unix_ms: now_unix_ms + self.config.retry_interval_ms,
+            });
+            drop(list);
             if let Some(link) = self.routes.get(&device) {
                 by_link.entry(*link).or_default().push(*c);
             }
@@ -177,33 +188,33 @@ impl HeadEnd {
 
     /// A device acknowledged the command with this counter.
     pub fn ack(&self, device: ApplianceId, counter: u64) -> bool {
-        let mut removed = false;
-        if let Some(mut list) = self.unacked.get_mut(&device) {
-            let before = list.len();
-            list.retain(|u| u.command.command.counter != counter);
-            removed = list.len() < before;
-        }
-        if removed {
-            self.n_unacked.fetch_sub(1, Ordering::Relaxed);
-            self.unacked.remove_if(&device, |_, l| l.is_empty());
-        }
-        removed
+        let Some(mut list) = self.held.get_mut(&device) else {
+            return false;
+        };
+        let Some(h) = list.iter_mut().find(|h| h.command.command.counter == counter && !h.acked) else {
+            return false;
+        };
+        h.acked = true;
+        self.n_unacked.fetch_sub(1, Ordering::Relaxed);
+        true
     }
 
     /// Re-sends what is due and gives up on what has expired; returns the expired commands.
     pub fn tick(&self, now_unix_ms: i64) -> (Vec<SignedCommand>, TickReport) {
         let mut expired = Vec::new();
         let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
-        self.unacked.retain(|device, list| {
-            list.retain_mut(|u| {
-                if u.command.command.not_after_unix_ms <= now_unix_ms {
-                    expired.push(u.command);
+        self.held.retain(|device, list| {
+            list.retain_mut(|h| {
+                if h.expired(now_unix_ms) {
+                    if !h.acked {
+                        expired.push(h.command);
+                    }
                     return false;
                 }
-                if u.next_retry_unix_ms <= now_unix_ms {
-                    u.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                if !h.acked && h.next_retry_unix_ms <= now_unix_ms {
+                    h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
                     if let Some(link) = self.routes.get(device) {
-                        by_link.entry(*link).or_default().push(u.command);
+                        by_link.entry(*link).or_default().push(h.command);
                     }
                 }
                 true
@@ -211,10 +222,6 @@ impl HeadEnd {
             !list.is_empty()
         });
         self.n_unacked.fetch_sub(expired.len(), Ordering::Relaxed);
-        self.active.retain(|_, list| {
-            list.retain(|c| c.command.not_after_unix_ms > now_unix_ms);
-            !list.is_empty()
-        });
         let mut report = TickReport::default();
         for (link, cmds) in by_link {
             report.resent += cmds.len() as u64;
@@ -228,15 +235,19 @@ impl HeadEnd {
 
     /// Commands for a device that have not expired, oldest first (for resync after a reconnect).
     pub fn active_for(&self, device: ApplianceId, now_unix_ms: i64) -> Vec<SignedCommand> {
-        self.active
+        self.held
             .get(&device)
-            .map(|l| l.iter().filter(|c| c.command.not_after_unix_ms > now_unix_ms).copied().collect())
+            .map(|l| l.iter().filter(|h| !h.expired(now_unix_ms)).map(|h| h.command).collect())
             .unwrap_or_default()
     }
 
     /// Remembers a command for resync without sending it (recovery after a restart).
     pub fn restore_active(&self, command: SignedCommand) {
-        self.active.entry(command.command.device).or_default().push(command);
+        self.held.entry(command.command.device).or_default().push(Held {
+            command,
+            acked: true,
+            next_retry_unix_ms: i64::MAX,
+        });
     }
 }
 

@@ -52,7 +52,7 @@ pub struct Ledger {
     retention_ms: i64,
     /// Burden is summed over this window.
     fairness_window_ms: i64,
-    books: DashMap<HouseholdId, Book>,
+    books: DashMap<HouseholdId, Book, ahash::RandomState>,
 }
 
 impl Ledger {
@@ -62,7 +62,7 @@ impl Ledger {
             system_caps,
             retention_ms: i64::from(retention_days) * MS_PER_DAY,
             fairness_window_ms: i64::from(fairness_window_days) * MS_PER_DAY,
-            books: DashMap::new(),
+            books: DashMap::with_hasher(ahash::RandomState::new()),
         }
     }
 

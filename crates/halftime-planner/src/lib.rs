@@ -183,16 +183,62 @@ fn columns(req: &PlanRequest) -> Vec<Column> {
         .collect()
 }
 
-/// Plans the event. Always succeeds for a valid request: an unmeetable target shows as shortfall.
+/// The LP solver. The default build has only the pure-Rust `microlp`; the `highs` feature adds HiGHS (C++,
+/// built from source) and makes it the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LpSolver {
+    Microlp,
+    #[cfg(feature = "highs")]
+    Highs,
+}
+
+impl LpSolver {
+    /// Every solver this build has, default first.
+    pub const ALL: &[LpSolver] = &[
+        #[cfg(feature = "highs")]
+        LpSolver::Highs,
+        LpSolver::Microlp,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LpSolver::Microlp => "microlp",
+            #[cfg(feature = "highs")]
+            LpSolver::Highs => "highs",
+        }
+    }
+}
+
+impl Default for LpSolver {
+    fn default() -> Self {
+        LpSolver::ALL[0]
+    }
+}
+
+/// Plans the event with the default solver. Always succeeds for a valid request: an unmeetable target shows as
+/// shortfall.
 pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
+    plan_with(req, LpSolver::default())
+}
+
+/// Plans the event with the given solver.
+pub fn plan_with(req: &PlanRequest, solver: LpSolver) -> Result<Plan, PlanError> {
     validate(req)?;
     let columns = columns(req);
     let t0 = Instant::now();
+    let solve = |even_shortfall| match solver {
+        LpSolver::Microlp => solve_lp(req, &columns, even_shortfall, good_lp::microlp),
+        #[cfg(feature = "highs")]
+        // Presolve was most of HiGHS's time on these dense LPs (perf), and its worker pool only adds overhead.
+        LpSolver::Highs => solve_lp(req, &columns, even_shortfall, |p| {
+            good_lp::highs(p).set_presolve(good_lp::solvers::highs::HighsPresolveType::Off).set_threads(1)
+        }),
+    };
     // The even-shortfall row can leave the simplex with a singular basis on some inputs; the plan without it
     // is still valid (the shortfall is then placed where it costs least), so that is the fallback.
-    let (starts, values, n_variables) = match solve_lp(req, &columns, true) {
+    let (starts, values, n_variables) = match solve(true) {
         Ok(x) => x,
-        Err(_) => solve_lp(req, &columns, false)?,
+        Err(_) => solve(false)?,
     };
     let lp_solve_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
     let allocations = round_and_split(req, &columns, &starts, &values);
@@ -208,7 +254,12 @@ const RESPONSE_COEFFICIENT_MIN: f64 = 1e-3;
 /// variables.
 type LpResult = (Vec<(usize, u32, u32)>, Vec<f64>, usize);
 
-fn solve_lp(req: &PlanRequest, columns: &[Column], even_shortfall: bool) -> Result<LpResult, PlanError> {
+fn solve_lp<S: good_lp::Solver>(
+    req: &PlanRequest,
+    columns: &[Column],
+    even_shortfall: bool,
+    solver: S,
+) -> Result<LpResult, PlanError> {
     // validate() bounds the target to N_SLOTS_MAX.
     let n_slots = req.target_w.len() as u32;
     // Deferrals may start after the target window too, to absorb the payback of earlier ones.
@@ -294,11 +345,6 @@ fn solve_lp(req: &PlanRequest, columns: &[Column], even_shortfall: bool) -> Resu
     Ok((starts, values, n_variables))
 }
 
-#[cfg(feature = "highs")]
-use good_lp::highs as solver;
-#[cfg(not(feature = "highs"))]
-use good_lp::microlp as solver;
-
 fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     if req.target_w.is_empty() || req.target_w.len() > halftime_core::validate::N_SLOTS_MAX {
         return Err(PlanError::Invalid("target must have 1..=240 slots"));
@@ -380,30 +426,79 @@ pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
     let mut net_w: Vec<f64> = vec![0.0; n_slots];
     let mut responses = Responses::default();
     for a in allocations {
-        let c = &req.cohorts[a.cohort];
-        if c.n_appliances == 0 {
-            continue;
-        }
-        let per_w = c.reduction_w_sum / f64::from(c.n_appliances);
-        let per_net_w = c.reduction_w_net_sum / f64::from(c.n_appliances);
-        let n = f64::from(a.n);
-        let s = a.start_slot as usize;
-        let response = responses.get(c.key.class, a.deferral_min);
-        let (d, l) = (response.shed.len(), response.payback.len());
-        if net_w.len() < s + d + l {
-            net_w.resize(s + d + l, 0.0);
-        }
-        for (slot, shed) in net_w[s..s + d].iter_mut().zip(&response.shed) {
-            *slot += n * per_net_w * shed;
-        }
-        for (slot, payback) in net_w[s + d..s + d + l].iter_mut().zip(&response.payback) {
-            *slot -= n * per_w * payback;
-        }
+        add_response(&mut net_w, req, a, &mut responses);
     }
     let expected_w: Vec<f64> = net_w[..n_slots].to_vec();
     let shortfall_w = req.target_w.iter().zip(&expected_w).map(|(t, e)| (t - e).max(0.0)).collect();
     let rebound_w = net_w.iter().map(|n| (-n).max(0.0)).collect();
     Evaluation { expected_w, shortfall_w, rebound_w }
+}
+
+/// Adds an allocation's expected shed (net of overrides) and payback to the net load change per slot, W,
+/// growing it to cover the payback.
+fn add_response(net_w: &mut Vec<f64>, req: &PlanRequest, a: &Allocation, responses: &mut Responses) {
+    let c = &req.cohorts[a.cohort];
+    if c.n_appliances == 0 {
+        return;
+    }
+    let per_w = c.reduction_w_sum / f64::from(c.n_appliances);
+    let per_net_w = c.reduction_w_net_sum / f64::from(c.n_appliances);
+    let n = f64::from(a.n);
+    let s = a.start_slot as usize;
+    let response = responses.get(c.key.class, a.deferral_min);
+    let (d, l) = (response.shed.len(), response.payback.len());
+    if net_w.len() < s + d + l {
+        net_w.resize(s + d + l, 0.0);
+    }
+    for (slot, shed) in net_w[s..s + d].iter_mut().zip(&response.shed) {
+        *slot += n * per_net_w * shed;
+    }
+    for (slot, payback) in net_w[s + d..s + d + l].iter_mut().zip(&response.payback) {
+        *slot -= n * per_w * payback;
+    }
+}
+
+/// The reference the LP is measured against: largest appliances first, no LP. In each slot, while the target
+/// is not met by what is already deferred, the largest appliances left start a deferral as long as their
+/// budget and the event allow. It ignores rebound, burden and comfort; [`evaluate`] shows what that costs.
+pub fn greedy(req: &PlanRequest) -> Result<Vec<Allocation>, PlanError> {
+    validate(req)?;
+    let n_slots = req.target_w.len();
+    let per_w = |c: &Cohort| c.reduction_w_sum / f64::from(c.n_appliances.max(1));
+    let mut order: Vec<usize> = (0..req.cohorts.len()).filter(|&i| req.cohorts[i].n_appliances > 0).collect();
+    order.sort_by(|&a, &b| per_w(&req.cohorts[b]).total_cmp(&per_w(&req.cohorts[a])).then(a.cmp(&b)));
+    let mut left: Vec<u32> = req.cohorts.iter().map(|c| c.n_appliances).collect();
+    let mut net_w: Vec<f64> = vec![0.0; n_slots];
+    let mut responses = Responses::default();
+    let mut out = Vec::new();
+    let mut next = 0;
+    for t in 0..n_slots {
+        // Each pass either meets the slot or empties a cohort, so this ends within the number of cohorts.
+        while next < order.len() {
+            let need_w = req.target_w[t] - net_w[t];
+            if need_w <= 0.0 {
+                break;
+            }
+            let i = order[next];
+            let c = &req.cohorts[i];
+            let deferral_min = c.deferral_min_cap().min(req.deferral_min_max).min((n_slots - t) as u32).max(1);
+            let first_w = per_w(c) * c.reduction_w_net_sum / c.reduction_w_sum.max(f64::MIN_POSITIVE)
+                * responses.get(c.key.class, deferral_min).shed.first().copied().unwrap_or(0.0);
+            let n = if first_w > 0.0 { (need_w / first_w).ceil().min(f64::from(left[i])) as u32 } else { 0 };
+            if n == 0 {
+                next += 1;
+                continue;
+            }
+            left[i] -= n;
+            if left[i] == 0 {
+                next += 1;
+            }
+            let a = Allocation { cohort: i, start_slot: t as u32, deferral_min, n };
+            add_response(&mut net_w, req, &a, &mut responses);
+            out.push(a);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

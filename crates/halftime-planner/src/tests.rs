@@ -150,3 +150,21 @@ fn an_unmeetable_target_falls_short_evenly() {
     assert!(hi < 0.999, "the target should be out of reach: {ratios:?}");
     assert!(lo > 0.4, "a minute left far short of the others: {ratios:?}");
 }
+
+#[test]
+fn the_greedy_reference_meets_the_target_with_the_largest_appliances_first() {
+    let classes =
+        [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater, ApplianceClass::EvCharger];
+    let cohorts: Vec<Cohort> = classes.iter().map(|&class| cohort(0, class, 6, 0, 5_000)).collect();
+    let target_kw = [300.0, 600.0, 900.0, 900.0, 900.0, 900.0, 700.0, 400.0, 200.0, 100.0];
+    let req = request(&target_kw, cohorts);
+    let allocations = greedy(&req).unwrap();
+    let plan =
+        Plan { evaluation: evaluate(&req, &allocations), allocations, lp_solve_us: 0, n_columns: 0, n_variables: 0 };
+    assert_within_cohorts(&req, &plan);
+    for (t, (&target, &expected)) in req.target_w.iter().zip(&plan.evaluation.expected_w).enumerate() {
+        assert!(expected >= target * 0.999, "slot {t}: expected {expected} < target {target}");
+    }
+    // The largest appliances go first: EV chargers before anything smaller.
+    assert_eq!(req.cohorts[plan.allocations[0].cohort].key.class, ApplianceClass::EvCharger);
+}

@@ -132,6 +132,20 @@ pub fn reject_from_pb(v: i32) -> Option<RejectReason> {
     }
 }
 
+/// An appliance as the Household API's `EnrolAppliances` takes it; `region` is its region's code.
+pub fn appliance_to_pb(a: &halftime_core::Appliance, region: &str) -> pb::Appliance {
+    pb::Appliance {
+        appliance_id: a.id.0,
+        household_id: a.household.0,
+        region: region.to_string(),
+        class: class_to_pb(a.class) as i32,
+        rated_power_w: a.rated_power_w,
+        duty_cycle_permille: u32::from(a.duty_cycle_permille),
+        deferral_min_max: u32::from(a.deferral_min_max),
+        override_rate_permille: u32::from(a.override_rate_permille),
+    }
+}
+
 pub fn command_to_pb(c: &SignedCommand) -> pb::SignedCommand {
     let k = &c.command;
     pb::SignedCommand {

@@ -1,6 +1,7 @@
-//! The `halftime` binary's library: configuration, starting an engine with its gRPC server, bulk import, and
-//! the scenario runner. `main.rs` is a thin command line over these.
+//! The `halftime` binary's library: configuration, starting an engine with its gRPC server, bulk import, the
+//! scenario runner and the load generator. `main.rs` is a thin command line over these.
 
+pub mod bench;
 pub mod config;
 pub mod import;
 pub mod scenario;

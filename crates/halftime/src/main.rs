@@ -1,4 +1,4 @@
-//! `halftime`: serve the engine, run a scenario, or import appliances.
+//! `halftime`: serve the engine, run a scenario, import appliances, or measure.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -32,6 +32,43 @@ enum Command {
         csv: PathBuf,
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         server: String,
+    },
+    /// Load generator: enrol N appliances behind gateway links, submit events, measure latency, throughput
+    /// and memory.
+    Bench {
+        /// Population sizes in enrolled appliances, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100000")]
+        appliances: Vec<u64>,
+        /// Gateway links, at least.
+        #[arg(long, default_value_t = 16)]
+        gateways: usize,
+        /// Unloaded events per size (1..=6).
+        #[arg(long, default_value_t = 5)]
+        repetitions: usize,
+        /// Share of the population's expected reduction each event asks for.
+        #[arg(long, default_value_t = 0.25)]
+        target_share: f64,
+        /// Small events per second in the steady-rate phase (0 skips it).
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// Length of the steady-rate phase, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        loaded_s: f64,
+        /// Scenario whose population mix to enrol.
+        #[arg(long, default_value = "scenarios/wc2018-col-eng-halftime.toml")]
+        population: PathBuf,
+        /// Gateways verify every signature (device CPU on the same machine).
+        #[arg(long)]
+        verify: bool,
+        /// One JSON object per measurement per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Target this engine instead of starting one.
+        #[arg(long)]
+        server: Option<String>,
+        /// The remote engine's public key, hex, for `--verify`.
+        #[arg(long)]
+        trust_key: Option<String>,
     },
 }
 
@@ -115,6 +152,46 @@ async fn main() -> anyhow::Result<()> {
             let mut stdout = std::io::stdout();
             let report = halftime::scenario::run(&scenario, opts, &mut stdout).await?;
             anyhow::ensure!(report.violations == 0, "{} limit violations", report.violations);
+        }
+        Command::Bench {
+            appliances,
+            gateways,
+            repetitions,
+            target_share,
+            rate,
+            loaded_s,
+            population,
+            verify,
+            json,
+            server,
+            trust_key,
+        } => {
+            init_tracing("warn");
+            let opts = halftime::bench::BenchOptions {
+                n_appliances: appliances,
+                gateways,
+                repetitions,
+                target_share,
+                rate_per_s: rate,
+                loaded_s,
+                population,
+                verify,
+                server,
+                trust_key,
+            };
+            let mut all = Vec::new();
+            halftime::bench::run(&opts, |m| {
+                if json {
+                    println!("{}", serde_json::to_string(m).expect("a measurement serialises"));
+                } else {
+                    eprintln!("{} {}: {:?} {:?} {:?} {}", m.name, m.n_appliances, m.p50, m.p99, m.value, m.unit);
+                }
+                all.push(m.clone());
+            })
+            .await?;
+            if !json {
+                print!("{}", halftime::bench::table(&all));
+            }
         }
         Command::Import { csv, server } => {
             init_tracing("warn");

@@ -430,19 +430,7 @@ async fn enrol(
     let mut household =
         HouseholdClient::connect(sim.url.to_string()).await?.max_encoding_message_size(64 * 1024 * 1024);
     for chunk in population.appliances.chunks(halftime_server::ENROL_BATCH_MAX) {
-        let appliances = chunk
-            .iter()
-            .map(|a| pb::Appliance {
-                appliance_id: a.id.0,
-                household_id: a.household.0,
-                region: regions.code(a.region).to_string(),
-                class: halftime_proto::class_to_pb(a.class) as i32,
-                rated_power_w: a.rated_power_w,
-                duty_cycle_permille: u32::from(a.duty_cycle_permille),
-                deferral_min_max: u32::from(a.deferral_min_max),
-                override_rate_permille: u32::from(a.override_rate_permille),
-            })
-            .collect();
+        let appliances = chunk.iter().map(|a| halftime_proto::appliance_to_pb(a, regions.code(a.region))).collect();
         household.enrol_appliances(pb::EnrolAppliancesRequest { appliances }).await.context("enrolling")?;
     }
     let enrolled: std::collections::HashSet<u64> = population.appliances.iter().map(|a| a.household.0).collect();
