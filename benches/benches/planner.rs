@@ -52,6 +52,7 @@ fn lp(c: &mut Criterion) {
             rebound_fraction_max: 0.1,
             rebound_sigmas: 2.0,
             deferral_min_max: 30,
+            randomize_start_s: 30,
         };
         let columns = 8 * usize::from(n_budget_bands) * 3;
         for &solver in LpSolver::ALL {
@@ -146,6 +147,7 @@ fn vs_greedy(c: &mut Criterion) {
             rebound_fraction_max: 0.1,
             rebound_sigmas: 2.0,
             deferral_min_max: 20,
+            randomize_start_s: 30,
         };
         let lp_plan = plan_with(&req, LpSolver::default()).expect("plans");
         let greedy_allocations = greedy(&req).expect("plans");

@@ -37,6 +37,7 @@ pub struct DispatchInput<'a> {
 
 struct Member {
     burden_kw_min: f64,
+    last_deferred_unix_ms: i64,
     appliance: Appliance,
 }
 
@@ -45,7 +46,7 @@ struct Member {
 pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked, EngineError> {
     let t0 = Instant::now();
     let mut standing: HashMap<HouseholdId, Option<Standing>> = HashMap::new();
-    let mut eligible: Vec<(Appliance, u8, f64)> = Vec::new();
+    let mut eligible: Vec<(Appliance, u8, Standing)> = Vec::new();
     inner.registry.for_each_in(input.regions, |a| {
         let s = *standing
             .entry(a.household)
@@ -53,14 +54,15 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         let Some(s) = s else { return };
         let budget_min = s.budget_min.min(u32::from(a.deferral_min_max)).min(input.deferral_min_max);
         if let Some(band) = budget_band(budget_min) {
-            eligible.push((*a, band, s.burden_kw_min));
+            eligible.push((*a, band, s));
         }
     });
     let cuts = burden_cuts(standing.values().flatten().map(|s| s.burden_kw_min).collect());
     let mut index: HashMap<CohortKey, usize> = HashMap::new();
     let mut cohorts: Vec<Cohort> = Vec::new();
     let mut members: Vec<Vec<Member>> = Vec::new();
-    for (a, budget_band, burden) in eligible {
+    for (a, budget_band, standing) in eligible {
+        let burden = standing.burden_kw_min;
         let burden_band = cuts.iter().filter(|&&c| burden > c).count() as u8;
         let key = CohortKey { region: a.region, class: a.class, budget_band, burden_band };
         let i = *index.entry(key).or_insert_with(|| {
@@ -73,10 +75,19 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         c.n_appliances += 1;
         c.reduction_w_sum += r;
         c.reduction_w_net_sum += r * (1.0 - a.override_rate());
-        members[i].push(Member { burden_kw_min: burden, appliance: a });
+        members[i].push(Member {
+            burden_kw_min: burden,
+            last_deferred_unix_ms: standing.last_deferred_unix_ms,
+            appliance: a,
+        });
     }
     for m in &mut members {
-        m.sort_by(|a, b| a.burden_kw_min.total_cmp(&b.burden_kw_min).then(a.appliance.id.cmp(&b.appliance.id)));
+        m.sort_by(|a, b| {
+            a.burden_kw_min
+                .total_cmp(&b.burden_kw_min)
+                .then(a.last_deferred_unix_ms.cmp(&b.last_deferred_unix_ms))
+                .then(a.appliance.id.cmp(&b.appliance.id))
+        });
     }
     let req = PlanRequest {
         target_w: input.target_w.to_vec(),
@@ -84,6 +95,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         rebound_fraction_max: inner.config.rebound_fraction_max,
         rebound_sigmas: inner.config.rebound_sigmas,
         deferral_min_max: input.deferral_min_max,
+        randomize_start_s: inner.config.randomize_start_s,
     };
     let plan = halftime_planner::plan(&req).map_err(|e| EngineError::Internal(e.to_string()))?;
 

@@ -50,6 +50,9 @@ pub struct EngineConfig {
     pub headend: HeadEndConfig,
     /// Real time between ticks of the closed loop (retries, expiries, progress).
     pub tick_interval_ms: u64,
+    /// Dispatches planned and signed at once, at most; more wait their turn. Each holds a scan of the whole
+    /// eligible population, so this bounds memory as well as CPU under a burst of submissions.
+    pub plans_in_flight_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +68,7 @@ impl Default for EngineConfig {
             release_over_min_default: 5,
             headend: HeadEndConfig::default(),
             tick_interval_ms: 200,
+            plans_in_flight_max: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -148,8 +152,17 @@ pub(crate) struct Inner {
     events: DashMap<EventId, Arc<EventRuntime>>,
     next_event_id: AtomicU64,
     key_locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    plan_permits: tokio::sync::Semaphore,
+    limits_writes: mpsc::Sender<LimitsWrite>,
     outcomes: mpsc::Sender<WriterMsg>,
     stopping: watch::Sender<bool>,
+}
+
+/// A household's limits on their way to the store.
+struct LimitsWrite {
+    household: HouseholdId,
+    limits: Limits,
+    done: tokio::sync::oneshot::Sender<Result<(), EngineError>>,
 }
 
 enum WriterMsg {
@@ -174,6 +187,10 @@ impl std::fmt::Debug for Engine {
 const OUTCOME_QUEUE_LEN: usize = 65_536;
 /// Outcomes written per store transaction at most.
 const OUTCOME_BATCH_LEN: usize = 16_384;
+/// Limit changes waiting for the store at most; callers wait when it is full.
+const LIMITS_QUEUE_LEN: usize = 8_192;
+/// Limit changes written per store transaction at most.
+const LIMITS_BATCH_LEN: usize = 4_096;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, EngineError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| EngineError::Internal(format!("blocking task: {e}")))
@@ -198,6 +215,8 @@ impl Engine {
         })
         .await??;
         let (outcome_tx, outcome_rx) = mpsc::channel(OUTCOME_QUEUE_LEN);
+        let (limits_tx, limits_rx) = mpsc::channel(LIMITS_QUEUE_LEN);
+        let plans_in_flight_max = config.plans_in_flight_max.max(1);
         let inner = Arc::new(Inner {
             ledger: Ledger::new(config.system_caps.clone(), config.fairness_window_days, config.retention_days),
             registry: Registry::new(config.regions.len()),
@@ -210,6 +229,8 @@ impl Engine {
             events: DashMap::new(),
             next_event_id: AtomicU64::new(1),
             key_locks: DashMap::new(),
+            plan_permits: tokio::sync::Semaphore::new(plans_in_flight_max),
+            limits_writes: limits_tx,
             outcomes: outcome_tx,
             stopping: watch::channel(false).0,
         });
@@ -217,6 +238,7 @@ impl Engine {
         engine.recover().await?;
         tokio::spawn(write_outcomes(Arc::clone(&engine.inner.store), outcome_rx));
         tokio::spawn(tick_loop(Arc::downgrade(&engine.inner)));
+        tokio::spawn(write_limits(Arc::downgrade(&engine.inner), limits_rx));
         Ok(engine)
     }
 
@@ -353,14 +375,16 @@ impl Engine {
         }
     }
 
-    /// Sets a household's own limits (validated); returns the effective ones.
+    /// Sets a household's own limits (validated) once they are durable; returns the effective ones. Calls
+    /// arriving together share one store transaction (group commit), so enrolling millions of households with
+    /// limits of their own does not cost one disk sync each.
     pub async fn set_limits(&self, household: HouseholdId, limits: Limits) -> Result<Limits, EngineError> {
         self.known_household(household)?;
         validate::limits(&limits, "limits")?;
-        let store = Arc::clone(&self.inner.store);
-        let l = limits.clone();
-        blocking(move || store.put_limits(household, &l)).await??;
-        self.inner.ledger.set_limits(household, limits);
+        let (done, written) = tokio::sync::oneshot::channel();
+        let stopped = || EngineError::Internal("the limits writer has stopped".into());
+        self.inner.limits_writes.send(LimitsWrite { household, limits, done }).await.map_err(|_| stopped())?;
+        written.await.map_err(|_| stopped())??;
         self.inner.ledger.effective_limits(household).ok_or_else(|| EngineError::Internal("limits vanished".into()))
     }
 
@@ -476,6 +500,8 @@ impl Engine {
         let start_unix_ms = event_start + first_slot as i64 * MS_PER_MIN;
         let inner = Arc::clone(&self.inner);
         let regions = regions.to_vec();
+        let permit =
+            self.inner.plan_permits.acquire().await.map_err(|_| EngineError::Internal("plan permits closed".into()))?;
         let now = self.now_unix_ms();
         let picked = blocking(move || {
             dispatch::plan_pick_sign(
@@ -491,6 +517,7 @@ impl Engine {
             )
         })
         .await??;
+        drop(permit);
         metrics::histogram!("halftime_plan_seconds").record(picked.plan_us as f64 / 1e6);
         metrics::histogram!("halftime_lp_solve_seconds").record(picked.lp_solve_us as f64 / 1e6);
         if let Err(e) = self.inner.headend.admit(picked.commands.len()) {
@@ -1045,6 +1072,35 @@ async fn tick_loop(inner: std::sync::Weak<Inner>) {
         tick(&i);
         drop(i);
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// Group commit for households' limits: each batch is one store transaction, applied to the ledger in the
+/// order it was written, before any caller in it hears back. Holds the engine only while writing, so it never
+/// keeps the store open; it ends when the engine is dropped.
+async fn write_limits(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<LimitsWrite>) {
+    let mut msgs = Vec::with_capacity(LIMITS_BATCH_LEN);
+    while rx.recv_many(&mut msgs, LIMITS_BATCH_LEN).await > 0 {
+        let Some(i) = inner.upgrade() else {
+            break;
+        };
+        let batch: Vec<(HouseholdId, Limits)> = msgs.iter().map(|m| (m.household, m.limits.clone())).collect();
+        let store = Arc::clone(&i.store);
+        let written = match blocking(move || store.put_limits(&batch)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        for m in msgs.drain(..) {
+            let result = match &written {
+                Ok(()) => {
+                    i.ledger.set_limits(m.household, m.limits);
+                    Ok(())
+                }
+                Err(e) => Err(EngineError::Internal(format!("writing limits: {e}"))),
+            };
+            let _ = m.done.send(result);
+        }
     }
 }
 

@@ -19,12 +19,25 @@ pub struct Entry {
     pub status: DeviceStatus,
 }
 
+/// One per enrolled household, so kept small: most households never set limits of their own.
 #[derive(Clone, Debug)]
 struct Book {
-    own: Option<Limits>,
+    /// `None` for a household on the system caps.
+    own: Option<Box<OwnLimits>>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone, Debug)]
+struct OwnLimits {
+    own: Limits,
     /// The tighter of `own` and the system caps, kept so that reserving allocates nothing.
     effective: Limits,
-    entries: Vec<Entry>,
+}
+
+impl Book {
+    fn effective<'a>(&'a self, system_caps: &'a Limits) -> &'a Limits {
+        self.own.as_ref().map_or(system_caps, |o| &o.effective)
+    }
 }
 
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +56,10 @@ pub struct Standing {
     /// Longest deferral that still fits today's minutes and the household's longest deferral.
     pub budget_min: u32,
     pub burden_kw_min: f64,
+    /// Start of the household's latest deferral still on record (`i64::MIN` if none): among households with the
+    /// same burden in the fairness window, the least recently deferred go first, so picking rotates through
+    /// everyone instead of returning to the same ones once their burden leaves the window.
+    pub last_deferred_unix_ms: i64,
 }
 
 #[derive(Debug)]
@@ -71,7 +88,7 @@ impl Ledger {
     }
 
     fn new_book(&self) -> Book {
-        Book { own: None, effective: self.system_caps.clone(), entries: Vec::new() }
+        Book { own: None, entries: Vec::new() }
     }
 
     /// Registers a household (with no limits of its own) if it is new.
@@ -89,17 +106,17 @@ impl Ledger {
 
     pub fn set_limits(&self, household: HouseholdId, own: Limits) {
         let mut book = self.books.entry(household).or_insert_with(|| self.new_book());
-        book.effective = own.tighter(&self.system_caps);
-        book.own = Some(own);
+        let effective = own.tighter(&self.system_caps);
+        book.own = Some(Box::new(OwnLimits { own, effective }));
     }
 
     /// The household's own limits (the system caps if it set none).
     pub fn own_limits(&self, household: HouseholdId) -> Option<Limits> {
-        self.books.get(&household).map(|b| b.own.clone().unwrap_or_else(|| self.system_caps.clone()))
+        self.books.get(&household).map(|b| b.own.as_ref().map_or_else(|| self.system_caps.clone(), |o| o.own.clone()))
     }
 
     pub fn effective_limits(&self, household: HouseholdId) -> Option<Limits> {
-        self.books.get(&household).map(|b| b.effective.clone())
+        self.books.get(&household).map(|b| b.effective(&self.system_caps).clone())
     }
 
     /// Checks and records a reservation atomically for its household.
@@ -116,7 +133,7 @@ impl Ledger {
             return Err(ReserveError::Full);
         }
         check_reservation(
-            &book.effective,
+            book.effective(&self.system_caps),
             appliance_deferral_min_max,
             book.entries.iter().map(|e| &e.reservation),
             &reservation,
@@ -206,7 +223,7 @@ impl Ledger {
         now_unix_ms: i64,
     ) -> Option<Standing> {
         let book = self.books.get(&household)?;
-        let limits = &book.effective;
+        let limits = book.effective(&self.system_caps);
         if !limits.participates() {
             return None;
         }
@@ -233,7 +250,14 @@ impl Ledger {
             return None;
         }
         let budget_min = limits.deferred_min_per_day_max.saturating_sub(used_min).min(limits.deferral_min_max);
-        Some(Standing { budget_min, burden_kw_min: self.burden_of(&book, now_unix_ms) })
+        let last_deferred_unix_ms = book
+            .entries
+            .iter()
+            .filter(|e| e.reservation.deferral_s > 0)
+            .map(|e| e.reservation.not_before_unix_ms)
+            .max()
+            .unwrap_or(i64::MIN);
+        Some(Standing { budget_min, burden_kw_min: self.burden_of(&book, now_unix_ms), last_deferred_unix_ms })
     }
 
     /// Every reservation, for invariant checks in tests and simulations.

@@ -52,6 +52,9 @@ pub struct PlanRequest {
     pub rebound_sigmas: f64,
     /// The event's longest deferral.
     pub deferral_min_max: u32,
+    /// Devices start each deferral at a uniform random offset in [0, this] seconds, so a share of every
+    /// minute's shed and payback lands a minute later; the plan counts on that.
+    pub randomize_start_s: u32,
 }
 
 /// `n` appliances of cohort `cohort` start a deferral of `deferral_min` minutes at `start_slot`.
@@ -119,14 +122,42 @@ fn largest_appliance_w(cohorts: &[Cohort]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Expected responses (shed and payback per minute) by class and deferral length, computed once per plan.
-#[derive(Default)]
-struct Responses(HashMap<(ApplianceClass, u32), Response>);
+/// Expected responses (shed and payback per minute) by class and deferral length, computed once per plan, as
+/// devices will run them: after their random start offset.
+struct Responses {
+    /// Mean start offset as a share of a minute.
+    offset_share: f64,
+    cache: HashMap<(ApplianceClass, u32), Response>,
+}
 
 impl Responses {
-    fn get(&mut self, class: ApplianceClass, deferral_min: u32) -> &Response {
-        self.0.entry((class, deferral_min)).or_insert_with(|| expected_response(class, deferral_min))
+    fn new(randomize_start_s: u32) -> Self {
+        Self { offset_share: (f64::from(randomize_start_s) / 120.0).clamp(0.0, 1.0), cache: HashMap::new() }
     }
+
+    /// Shed from the start slot on (one minute longer than the deferral when there is an offset), and payback
+    /// from the slot the deferral nominally ends.
+    fn get(&mut self, class: ApplianceClass, deferral_min: u32) -> &Response {
+        let f = self.offset_share;
+        self.cache.entry((class, deferral_min)).or_insert_with(|| {
+            let r = expected_response(class, deferral_min);
+            Response { shed: delay(&r.shed, f), payback: delay(&r.payback, f) }
+        })
+    }
+}
+
+/// Moves a share `f` of each minute's value into the next minute: the mean effect of a start offset of `f`
+/// minutes on a per-minute series. Keeps the total.
+fn delay(v: &[f64], f: f64) -> Vec<f64> {
+    if f <= 0.0 || v.is_empty() {
+        return v.to_vec();
+    }
+    let mut out = vec![0.0; v.len() + 1];
+    for (i, x) in v.iter().enumerate() {
+        out[i] += (1.0 - f) * x;
+        out[i + 1] += f * x;
+    }
+    out
 }
 
 /// The LP's grouping of cohorts with identical coefficients.
@@ -281,7 +312,7 @@ fn solve_lp<S: good_lp::Solver>(
     // Net load change below baseline per slot: active deferrals less rebound.
     let mut net: Vec<Expression> = (0..horizon).map(|_| Expression::with_capacity(64)).collect();
     let mut capacity: Vec<Expression> = (0..columns.len()).map(|_| Expression::with_capacity(64)).collect();
-    let mut responses = Responses::default();
+    let mut responses = Responses::new(req.randomize_start_s);
     for (j, col) in columns.iter().enumerate() {
         let profile = col.key.class.profile();
         let weight = profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
@@ -424,7 +455,7 @@ pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
     let n_slots = req.target_w.len();
     // Net load change below baseline per slot, W, from slot 0 until the last payback ends.
     let mut net_w: Vec<f64> = vec![0.0; n_slots];
-    let mut responses = Responses::default();
+    let mut responses = Responses::new(req.randomize_start_s);
     for a in allocations {
         add_response(&mut net_w, req, a, &mut responses);
     }
@@ -445,15 +476,16 @@ fn add_response(net_w: &mut Vec<f64>, req: &PlanRequest, a: &Allocation, respons
     let per_net_w = c.reduction_w_net_sum / f64::from(c.n_appliances);
     let n = f64::from(a.n);
     let s = a.start_slot as usize;
+    let d = a.deferral_min as usize;
     let response = responses.get(c.key.class, a.deferral_min);
-    let (d, l) = (response.shed.len(), response.payback.len());
-    if net_w.len() < s + d + l {
-        net_w.resize(s + d + l, 0.0);
+    let end = (s + response.shed.len()).max(s + d + response.payback.len());
+    if net_w.len() < end {
+        net_w.resize(end, 0.0);
     }
-    for (slot, shed) in net_w[s..s + d].iter_mut().zip(&response.shed) {
+    for (slot, shed) in net_w[s..].iter_mut().zip(&response.shed) {
         *slot += n * per_net_w * shed;
     }
-    for (slot, payback) in net_w[s + d..s + d + l].iter_mut().zip(&response.payback) {
+    for (slot, payback) in net_w[s + d..].iter_mut().zip(&response.payback) {
         *slot -= n * per_w * payback;
     }
 }
@@ -469,7 +501,7 @@ pub fn greedy(req: &PlanRequest) -> Result<Vec<Allocation>, PlanError> {
     order.sort_by(|&a, &b| per_w(&req.cohorts[b]).total_cmp(&per_w(&req.cohorts[a])).then(a.cmp(&b)));
     let mut left: Vec<u32> = req.cohorts.iter().map(|c| c.n_appliances).collect();
     let mut net_w: Vec<f64> = vec![0.0; n_slots];
-    let mut responses = Responses::default();
+    let mut responses = Responses::new(req.randomize_start_s);
     let mut out = Vec::new();
     let mut next = 0;
     for t in 0..n_slots {

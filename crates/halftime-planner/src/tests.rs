@@ -21,6 +21,7 @@ fn request(target_kw: &[f64], cohorts: Vec<Cohort>) -> PlanRequest {
         rebound_fraction_max: 0.1,
         rebound_sigmas: 0.0,
         deferral_min_max: 30,
+        randomize_start_s: 0,
     }
 }
 
@@ -167,4 +168,21 @@ fn the_greedy_reference_meets_the_target_with_the_largest_appliances_first() {
     }
     // The largest appliances go first: EV chargers before anything smaller.
     assert_eq!(req.cohorts[plan.allocations[0].cohort].key.class, ApplianceClass::EvCharger);
+}
+
+#[test]
+fn the_plan_provisions_for_the_devices_random_start_offset() {
+    let cohorts: Vec<Cohort> = [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater]
+        .iter()
+        .flat_map(|&class| (0..3).map(move |band| cohort(0, class, 6, band, 4_000)))
+        .collect();
+    let target_kw = [80.0; 8];
+    let offset = PlanRequest { randomize_start_s: 30, rebound_fraction_max: 1.0, ..request(&target_kw, cohorts) };
+    let plan = plan(&offset).unwrap();
+    // Devices starting up to 30 s late still meet the first minute...
+    assert!(plan.evaluation.expected_w[0] >= 80e3 * 0.999, "{:?}", plan.evaluation.expected_w);
+    // ...because the plan asked for more than a prompt start would need.
+    let prompt = PlanRequest { randomize_start_s: 0, ..offset.clone() };
+    let if_prompt = evaluate(&prompt, &plan.allocations);
+    assert!(if_prompt.expected_w[0] > 80e3 * 1.05, "{:?}", if_prompt.expected_w);
 }

@@ -181,9 +181,15 @@ impl Store {
         Ok(out)
     }
 
-    pub fn put_limits(&self, household: HouseholdId, limits: &Limits) -> Result<()> {
+    /// Households' own limits, in one transaction (later entries for the same household win).
+    pub fn put_limits(&self, limits: &[(HouseholdId, Limits)]) -> Result<()> {
         let w = self.db.begin_write()?;
-        w.open_table(LIMITS)?.insert(household.0, encode(limits)?.as_slice())?;
+        {
+            let mut t = w.open_table(LIMITS)?;
+            for (household, l) in limits {
+                t.insert(household.0, encode(l)?.as_slice())?;
+            }
+        }
         w.commit()?;
         Ok(())
     }
@@ -334,7 +340,7 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             s.set_signing_seed(&[3; 32]).unwrap();
             s.put_appliances(&[appliance]).unwrap();
-            s.put_limits(HouseholdId(9), &Limits::system_default()).unwrap();
+            s.put_limits(&[(HouseholdId(9), Limits::system_default())]).unwrap();
             s.put_dispatch(EventId(1), 0, &Dispatch { reservations: vec![reservation], commands: vec![] }, 77).unwrap();
             s.put_dispatch(EventId(1), 1, &Dispatch { reservations: vec![], commands: vec![] }, 50).unwrap();
             s.append_outcomes(&[outcome, outcome]).unwrap();

@@ -7,7 +7,8 @@
 //! - submitted → plan ready → every command signed, durable and queued (the engine's own timings from the plan
 //!   summary), → 50 % and 99 % of the commands acknowledged by the gateways;
 //! - commands per second through the head-end and the gateway links;
-//! - resident memory per enrolled appliance, and the peak.
+//! - resident memory per enrolled appliance, and the peak (for the first size only: run one size per process
+//!   for each memory figure).
 //!
 //! The gateways acknowledge each command as it arrives. By default they do not verify signatures: each real
 //! device verifies its own on its own processor, and a million verifications on the engine's two cores would
@@ -132,9 +133,12 @@ pub async fn run(opts: &BenchOptions, mut on_measurement: impl FnMut(&Measuremen
         "--rate × --loaded-s: at most {LOADED_EVENTS_MAX} events"
     );
     let scenario = Scenario::load(&opts.population)?;
-    for &n in &opts.n_appliances {
+    for (i, &n) in opts.n_appliances.iter().enumerate() {
         anyhow::ensure!(n > 0, "--appliances: sizes must be positive");
-        for m in one_size(opts, &scenario, n).await.with_context(|| format!("{n} appliances"))? {
+        // Memory freed by an earlier size is reused without growing the resident set, so only the first size
+        // in a process measures memory truthfully.
+        let measure_memory = i == 0;
+        for m in one_size(opts, &scenario, n, measure_memory).await.with_context(|| format!("{n} appliances"))? {
             on_measurement(&m);
         }
     }
@@ -157,7 +161,12 @@ fn population(scenario: &Scenario, regions: &halftime_core::RegionSet, n: u64) -
     Ok(appliances)
 }
 
-async fn one_size(opts: &BenchOptions, scenario: &Scenario, n: u64) -> anyhow::Result<Vec<Measurement>> {
+async fn one_size(
+    opts: &BenchOptions,
+    scenario: &Scenario,
+    n: u64,
+    measure_memory: bool,
+) -> anyhow::Result<Vec<Measurement>> {
     let config = Config::default();
     let regions = config.region_set()?;
     let appliances = population(scenario, &regions, n)?;
@@ -184,7 +193,8 @@ async fn one_size(opts: &BenchOptions, scenario: &Scenario, n: u64) -> anyhow::R
             (None, url.clone(), trusted)
         }
     };
-    let result = measure(opts, n, &appliances, &region_codes, expected_w, &url, &trusted, running.is_some()).await;
+    let in_process = running.is_some() && measure_memory;
+    let result = measure(opts, n, &appliances, &region_codes, expected_w, &url, &trusted, in_process).await;
     if let Some(r) = running {
         r.stop().await;
     }
@@ -200,7 +210,7 @@ async fn measure(
     expected_w: f64,
     url: &str,
     trusted: &TrustedKeys,
-    in_process: bool,
+    measure_memory: bool,
 ) -> anyhow::Result<Vec<Measurement>> {
     let mut out = Vec::new();
     let regions = Config::default().region_set()?;
@@ -211,7 +221,7 @@ async fn measure(
     enrol(url, appliances, &regions).await?;
     let enrol_s = t.elapsed().as_secs_f64();
     out.push(Measurement::value("enrol_throughput", n, "appliances/s", n as f64 / enrol_s));
-    if in_process {
+    if measure_memory {
         let grown = rss_bytes("VmRSS:").saturating_sub(rss_before);
         out.push(Measurement::value("memory_per_appliance", n, "bytes", grown as f64 / n as f64));
     }
@@ -288,7 +298,7 @@ async fn measure(
         let loaded = steady_rate(opts, &operator, region_codes, expected_w, run_id, n).await?;
         out.push(Measurement::percentiles("submit_rpc_loaded", n, "ms", &loaded).against("submit_rpc"));
     }
-    if in_process {
+    if measure_memory {
         out.push(Measurement::value("peak_rss", n, "MB", rss_bytes("VmHWM:") as f64 / (1024.0 * 1024.0)));
     }
     for g in gateways {

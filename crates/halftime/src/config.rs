@@ -39,6 +39,7 @@ pub struct EngineSection {
     pub randomize_start_s: u32,
     pub release_over_min_default: u32,
     pub tick_interval_ms: u64,
+    pub plans_in_flight_max: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -97,6 +98,7 @@ impl Default for EngineSection {
             randomize_start_s: e.randomize_start_s,
             release_over_min_default: e.release_over_min_default,
             tick_interval_ms: e.tick_interval_ms,
+            plans_in_flight_max: e.plans_in_flight_max,
         }
     }
 }
@@ -159,6 +161,7 @@ impl Config {
         );
         anyhow::ensure!(e.release_over_min_default <= 30, "engine.release_over_min_default: must be 0..=30");
         anyhow::ensure!((10..=10_000).contains(&e.tick_interval_ms), "engine.tick_interval_ms: must be 10..=10000");
+        anyhow::ensure!((1..=64).contains(&e.plans_in_flight_max), "engine.plans_in_flight_max: must be 1..=64");
         anyhow::ensure!(self.headend.link_queue_batches > 0, "headend.link_queue_batches: must be > 0");
         anyhow::ensure!(self.headend.retry_interval_ms > 0, "headend.retry_interval_ms: must be > 0");
         let system_caps = Limits {
@@ -184,6 +187,7 @@ impl Config {
                 outstanding_max: self.headend.outstanding_max,
             },
             tick_interval_ms: e.tick_interval_ms,
+            plans_in_flight_max: e.plans_in_flight_max,
         })
     }
 
