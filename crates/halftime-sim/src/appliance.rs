@@ -90,14 +90,22 @@ impl Applied {
 /// What every simulated appliance did, for the run's own accounting (independent of the engine's).
 #[derive(Debug, Default)]
 pub struct SimLog {
-    applied: Mutex<Vec<Applied>>,
+    applied: Mutex<AppliedLog>,
     /// Start times of each household's deferrals, for its override propensity.
     recent: Mutex<HashMap<HouseholdId, Vec<i64>>>,
 }
 
+/// Every deferral applied, with the latest one per (device, event) indexed: a resume finds its deferral without
+/// scanning the log, which at national scale (millions of deferrals ending together) would be quadratic.
+#[derive(Debug, Default)]
+struct AppliedLog {
+    entries: Vec<Applied>,
+    latest: HashMap<(ApplianceId, EventId), usize>,
+}
+
 impl SimLog {
     pub fn applied(&self) -> Vec<Applied> {
-        self.applied.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.applied.lock().unwrap_or_else(|e| e.into_inner()).entries.clone()
     }
 
     /// What the appliances reported shedding, W averaged over the minute from `minute_unix_ms`, and how many
@@ -106,7 +114,7 @@ impl SimLog {
         let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         let mut households = std::collections::HashSet::new();
         let mut w = 0.0;
-        for a in applied.iter() {
+        for a in &applied.entries {
             let overlap_ms =
                 (a.end_unix_ms.min(minute_unix_ms + MS_PER_MIN) - a.start_unix_ms.max(minute_unix_ms)).max(0);
             if overlap_ms > 0 {
@@ -188,7 +196,10 @@ impl Appliance for SimAppliance {
             // A full queue only loses the override: the household changed its mind.
             let _ = self.overrides.try_send((self.device, at));
         }
-        self.log.applied.lock().unwrap_or_else(|e| e.into_inner()).push(Applied {
+        let mut log = self.log.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let index = log.entries.len();
+        log.latest.insert((self.device, d.event), index);
+        log.entries.push(Applied {
             device: self.device,
             household: self.household,
             class: self.class,
@@ -207,7 +218,8 @@ impl Appliance for SimAppliance {
     fn resume(&self, d: &Deferral, why: ResumeReason) {
         let now = self.clock.now_unix_ms();
         let mut log = self.log.applied.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(a) = log.iter_mut().rev().find(|a| a.device == self.device && a.event == d.event) {
+        let index = log.latest.get(&(self.device, d.event)).copied();
+        if let Some(a) = index.and_then(|i| log.entries.get_mut(i)) {
             a.end_unix_ms = now.clamp(a.start_unix_ms, a.planned_end_unix_ms);
             a.overridden = why == ResumeReason::Overridden;
         }
@@ -324,5 +336,45 @@ mod tests {
         assert!(override_chance(0.1, 20.0, 4) > override_chance(0.1, 20.0, 0));
         assert_eq!(override_chance(0.1, 20.0, 0), 0.1);
         assert!(override_chance(1.0, 600.0, 100) <= 0.95);
+    }
+
+    #[test]
+    fn a_resume_ends_its_own_deferral_and_no_other() {
+        struct Fixed;
+        impl Clock for Fixed {
+            fn now_unix_ms(&self) -> i64 {
+                5 * MS_PER_MIN
+            }
+        }
+        let log = Arc::new(SimLog::default());
+        let (tx, _rx) = mpsc::channel(16);
+        let make = |id: u64| {
+            let a = halftime_core::Appliance {
+                id: ApplianceId(id),
+                household: HouseholdId(id),
+                region: halftime_core::RegionId(0),
+                class: ApplianceClass::Fridge,
+                rated_power_w: 135,
+                duty_cycle_permille: 250,
+                deferral_min_max: 30,
+                override_rate_permille: 0,
+            };
+            SimAppliance::new(&a, 0.0, 1, Arc::new(Fixed), Arc::clone(&log), tx.clone())
+        };
+        let (one, two) = (make(1), make(2));
+        let deferral = |event: u64| Deferral {
+            event: EventId(event),
+            counter: event,
+            start_unix_ms: 0,
+            end_unix_ms: 20 * MS_PER_MIN,
+        };
+        one.defer(&deferral(1)).unwrap();
+        two.defer(&deferral(1)).unwrap();
+        one.defer(&deferral(2)).unwrap();
+        one.resume(&deferral(1), ResumeReason::Overridden);
+        let applied = log.applied();
+        let ended: Vec<(u64, u64, i64, bool)> =
+            applied.iter().map(|a| (a.device.0, a.event.0, a.end_unix_ms / MS_PER_MIN, a.overridden)).collect();
+        assert_eq!(ended, vec![(1, 1, 5, true), (2, 1, 20, false), (1, 2, 20, false)]);
     }
 }
