@@ -141,7 +141,9 @@ fn load_table(files: &[PathBuf]) -> anyhow::Result<String> {
 /// The targets for a 2-core machine beside what the load generator measured at each size.
 fn targets_table(files: &[PathBuf]) -> anyhow::Result<String> {
     let all = measurements(files)?;
-    let targets: [(&str, &str, &str, fn(&Measurement) -> Option<f64>); 5] = [
+    // (label, measurement, target, which statistic)
+    type Target = (&'static str, &'static str, &'static str, fn(&Measurement) -> Option<f64>);
+    let targets: [Target; 5] = [
         ("plan ready (p99)", "plan_ready", "≤ 50 ms for 1 M", |m| m.p99),
         ("submit → all commands signed and queued (p99)", "submit_to_all_queued", "≤ 1 s for 1 M", |m| m.p99),
         ("`SubmitStressEvent` p99, unloaded", "submit_rpc", "≤ 1 ms", |m| m.p99),
