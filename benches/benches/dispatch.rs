@@ -12,9 +12,10 @@
 //! households with budget left. No devices are attached: delivery is measured by `halftime bench`.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
+use halftime_benches::appliance;
 use halftime_client::clock::SystemClock;
 use halftime_core::time::{Clock, MS_PER_MIN};
-use halftime_core::{Appliance, ApplianceClass, ApplianceId, HouseholdId, PlanSummary, Priority, RegionId};
+use halftime_core::{PlanSummary, Priority};
 use halftime_engine::{Engine, EngineConfig, Grant, SubmitRequest};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,21 +23,6 @@ use std::time::Duration;
 /// Submissions one engine takes before its households' budgets could run short.
 const EVENTS_MAX: usize = 14 * 8;
 const ENROL_CHUNK: u64 = 100_000;
-
-fn appliance(i: u64, region: RegionId) -> Appliance {
-    let class = ApplianceClass::ALL[(i % 8) as usize];
-    let p = class.profile();
-    Appliance {
-        id: ApplianceId(i + 1),
-        household: HouseholdId(i / 2 + 1),
-        region,
-        class,
-        rated_power_w: p.power_w_typical,
-        duty_cycle_permille: p.duty_cycle_permille as u16,
-        deferral_min_max: p.deferral_min_max_safe as u16,
-        override_rate_permille: p.override_rate_permille as u16,
-    }
-}
 
 struct Fixture {
     rt: tokio::runtime::Runtime,

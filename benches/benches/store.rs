@@ -7,10 +7,11 @@
 //!   commands and the event runtimes.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use halftime_benches::appliance;
 use halftime_client::clock::SystemClock;
 use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_core::{
-    Appliance, ApplianceClass, ApplianceId, CommandKind, DeferralCommand, EventId, HouseholdId, Priority, Reservation,
+    ApplianceClass, ApplianceId, CommandKind, DeferralCommand, EventId, HouseholdId, Priority, Reservation,
     SignedCommand,
 };
 use halftime_engine::{Engine, EngineConfig, Grant, SubmitRequest};
@@ -71,21 +72,6 @@ fn put_dispatch(c: &mut Criterion) {
         });
     }
     g.finish();
-}
-
-fn appliance(i: u64, region: halftime_core::RegionId) -> Appliance {
-    let class = ApplianceClass::ALL[(i % 8) as usize];
-    let p = class.profile();
-    Appliance {
-        id: ApplianceId(i + 1),
-        household: HouseholdId(i / 2 + 1),
-        region,
-        class,
-        rated_power_w: p.power_w_typical,
-        duty_cycle_permille: p.duty_cycle_permille as u16,
-        deferral_min_max: p.deferral_min_max_safe as u16,
-        override_rate_permille: p.override_rate_permille as u16,
-    }
 }
 
 fn recovery(c: &mut Criterion) {

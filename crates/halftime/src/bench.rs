@@ -299,7 +299,7 @@ async fn measure(
         out.push(Measurement::percentiles("submit_rpc_loaded", n, "ms", &loaded).against("submit_rpc"));
     }
     if measure_memory {
-        out.push(Measurement::value("peak_rss", n, "MB", rss_bytes("VmHWM:") as f64 / (1024.0 * 1024.0)));
+        out.push(Measurement::value("peak_rss", n, "MB", crate::scenario::peak_rss_mb()));
     }
     for g in gateways {
         g.abort();
@@ -532,8 +532,8 @@ fn acknowledge(commands: &[pb::SignedCommand], keys: Option<&TrustedKeys>) -> Ve
         .collect()
 }
 
-/// A line of `/proc/self/status` in bytes (Linux; 0 elsewhere).
-fn rss_bytes(key: &str) -> u64 {
+/// A line of `/proc/self/status` (`VmRSS:`, `VmHWM:`) in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

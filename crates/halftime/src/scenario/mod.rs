@@ -282,14 +282,7 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
 
 /// Peak resident memory of this process, MB (Linux; 0 elsewhere).
 pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    crate::bench::rss_bytes("VmHWM:") as f64 / (1024.0 * 1024.0)
 }
 
 struct Sim<'a> {
