@@ -51,6 +51,7 @@ fn lp(c: &mut Criterion) {
             cohorts: synthetic_cohorts(14, n_budget_bands),
             rebound_fraction_max: 0.1,
             rebound_sigmas: 2.0,
+            delivery_sigmas: 1.5,
             deferral_min_max: 30,
             randomize_start_s: 30,
         };
@@ -146,6 +147,7 @@ fn vs_greedy(c: &mut Criterion) {
             cohorts,
             rebound_fraction_max: 0.1,
             rebound_sigmas: 2.0,
+            delivery_sigmas: 1.5,
             deferral_min_max: 20,
             randomize_start_s: 30,
         };
