@@ -19,6 +19,10 @@ pub fn config() -> Config {
     let mut c = Config::default();
     c.engine.randomize_start_s = 0;
     c.engine.tick_interval_ms = 20;
+    // A few dozen appliances: no scatter to allow for (the planner's and the simulator's tests cover it), and
+    // plans whose shape these tests can state exactly.
+    c.engine.delivery_sigmas = 0.0;
+    c.engine.rebound_sigmas = 0.0;
     c
 }
 

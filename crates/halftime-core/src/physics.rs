@@ -93,59 +93,99 @@ pub struct Response {
 /// Points of the cycle averaged over.
 const RESPONSE_SAMPLES: u32 = 96;
 
+/// Moments of a deferral an override is averaged over.
+const OVERRIDE_SAMPLES_MAX: i64 = 12;
+
+/// Chance that a household overrides a deferral of `minutes`, given `rate`, its chance of overriding a
+/// 20-minute one: the longer the deferral, the likelier the override (linear, at most 95 %). The override comes
+/// at a uniformly random moment of the deferral. The planner plans with this; the simulator's households
+/// behave by it (and override more when deferred often).
+pub fn override_chance(rate: f64, minutes: f64) -> f64 {
+    (rate * minutes / 20.0).clamp(0.0, 0.95)
+}
+
 pub fn expected_response(class: ApplianceClass, deferral_min: u32) -> Response {
+    let end_s = i64::from(deferral_min.max(1)) * 60;
+    let mut r = Response { shed: vec![0.0; (end_s / 60) as usize], payback: Vec::new() };
+    add_released_at(class, end_s, end_s, 1.0, &mut r);
+    trim(r)
+}
+
+/// Expected response of one appliance whose household overrides its deferral of `deferral_min` at a uniformly
+/// random moment: it sheds until then and starts paying back at once, so part of its payback lands inside the
+/// deferral's window, where it counts against the shed (a minute's `shed` may be negative). Same units as
+/// [`expected_response`]; energy is conserved.
+pub fn expected_response_overridden(class: ApplianceClass, deferral_min: u32) -> Response {
+    let end_s = i64::from(deferral_min.max(1)) * 60;
+    let n = (end_s / 60).min(OVERRIDE_SAMPLES_MAX);
+    let mut r = Response { shed: vec![0.0; (end_s / 60) as usize], payback: Vec::new() };
+    for j in 0..n {
+        let release_s = ((j as f64 + 0.5) / n as f64 * end_s as f64) as i64;
+        add_released_at(class, release_s, end_s, 1.0 / n as f64, &mut r);
+    }
+    trim(r)
+}
+
+fn trim(mut r: Response) -> Response {
+    while r.payback.last().is_some_and(|x| *x == 0.0) {
+        r.payback.pop();
+    }
+    r
+}
+
+/// Adds `weight` × the expected response of an appliance of `class` in a deferral planned to end at `end_s`
+/// and released at `release_s` (≤ `end_s`) into `out`: shed per minute of the deferral, less any payback that
+/// falls inside it, and payback per minute after `end_s`.
+fn add_released_at(class: ApplianceClass, release_s: i64, end_s: i64, weight: f64, out: &mut Response) {
     let profile = class.profile();
     let duty = f64::from(profile.duty_cycle_permille) / 1000.0;
-    let d = i64::from(deferral_min.max(1));
-    let end_s = d * 60;
-    let states: Vec<Physics> = (0..RESPONSE_SAMPLES)
-        .map(|i| {
-            let u = (f64::from(i) + 0.5) / f64::from(RESPONSE_SAMPLES);
-            match profile.timing {
-                Timing::Thermostat { on_min } => {
-                    let on_s = (on_min * 60.0) as i64;
-                    let period_s = ((on_min / duty) * 60.0) as i64;
-                    Physics::Thermostat { period_s, on_s, phase_s: (u * period_s as f64) as i64 }
-                }
-                // Given it is running (a share `duty` of them are), the rest of its cycle is uniform.
-                Timing::Cycle { len_min } => {
-                    Physics::Running { remaining_s: 60 + (u * (len_min * 60.0 - 60.0)) as i64 }
-                }
-            }
-        })
-        .collect();
     // Per unit of expected reduction (P × duty): a thermostat's phases shed `duty` of P on average, so divide
     // by it; the cycle samples are running appliances only (a share `duty` of all), whose P is 1 / duty units,
     // times the `duty` chance of running: no scaling.
-    let scale = match profile.timing {
-        Timing::Thermostat { .. } => 1.0 / (f64::from(RESPONSE_SAMPLES) * duty),
-        Timing::Cycle { .. } => 1.0 / f64::from(RESPONSE_SAMPLES),
-    };
-    let mut shed = vec![0.0; d as usize];
-    let mut payback: Vec<f64> = Vec::new();
-    for p in &states {
-        for (k, s) in shed.iter_mut().enumerate() {
+    let scale = weight
+        * match profile.timing {
+            Timing::Thermostat { .. } => 1.0 / (f64::from(RESPONSE_SAMPLES) * duty),
+            Timing::Cycle { .. } => 1.0 / f64::from(RESPONSE_SAMPLES),
+        };
+    for i in 0..RESPONSE_SAMPLES {
+        let u = (f64::from(i) + 0.5) / f64::from(RESPONSE_SAMPLES);
+        let p = match profile.timing {
+            Timing::Thermostat { on_min } => {
+                let on_s = (on_min * 60.0) as i64;
+                let period_s = ((on_min / duty) * 60.0) as i64;
+                Physics::Thermostat { period_s, on_s, phase_s: (u * period_s as f64) as i64 }
+            }
+            // Given it is running (a share `duty` of them are), the rest of its cycle is uniform.
+            Timing::Cycle { len_min } => Physics::Running { remaining_s: 60 + (u * (len_min * 60.0 - 60.0)) as i64 },
+        };
+        for (k, s) in out.shed.iter_mut().enumerate() {
             let k = k as i64;
-            *s += p.baseline_on_s(k * 60, k * 60 + 60) as f64 / 60.0 * scale;
+            *s += p.baseline_on_s(k * 60, (k * 60 + 60).min(release_s)) as f64 / 60.0 * scale;
         }
-        for (a, b) in p.payback_s(end_s) {
-            let (a, b) = (a - end_s, b - end_s);
+        for (a, b) in p.payback_s(release_s) {
+            // Inside the deferral's window: against the shed, minute by minute.
+            for m in a / 60..=(b.min(end_s) - 1).div_euclid(60) {
+                let overlap = (b.min(end_s).min(m * 60 + 60) - a.max(m * 60)).max(0);
+                if let Some(x) = out.shed.get_mut(m as usize) {
+                    *x -= overlap as f64 / 60.0 * scale;
+                }
+            }
+            let (a, b) = (a.max(end_s) - end_s, b - end_s);
+            if b <= a {
+                continue;
+            }
             let last = (b / 60 + 1) as usize;
-            if payback.len() < last {
-                payback.resize(last, 0.0);
+            if out.payback.len() < last {
+                out.payback.resize(last, 0.0);
             }
             for m in a / 60..=b / 60 {
                 let overlap = (b.min(m * 60 + 60) - a.max(m * 60)).max(0);
-                if let Some(x) = payback.get_mut(m as usize) {
+                if let Some(x) = out.payback.get_mut(m as usize) {
                     *x += overlap as f64 / 60.0 * scale;
                 }
             }
         }
     }
-    while payback.last().is_some_and(|x| *x == 0.0) {
-        payback.pop();
-    }
-    Response { shed, payback }
 }
 
 #[cfg(test)]
@@ -167,6 +207,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_overridden_deferral_sheds_less_pays_back_less_and_conserves_energy() {
+        for class in ApplianceClass::ALL {
+            for d in [5, 10, 30, 60] {
+                let full = expected_response(class, d);
+                let over = expected_response_overridden(class, d);
+                let (s, p) = (over.shed.iter().sum::<f64>(), over.payback.iter().sum::<f64>());
+                assert!((s - p).abs() < 1e-6 * s.abs().max(1.0), "{class:?} {d}: net shed {s} paid back {p}");
+                let full_s: f64 = full.shed.iter().sum();
+                assert!(s < full_s, "{class:?} {d}: overridden {s} not below {full_s}");
+                // The first minute is shed by (almost) everyone; the last by (almost) no one.
+                assert!(over.shed[0] > 0.5 * full.shed[0], "{class:?} {d}: first minute {}", over.shed[0]);
+                let last = d as usize - 1;
+                assert!(over.shed[last] < 0.5 * full.shed[last], "{class:?} {d}: last minute {}", over.shed[last]);
+            }
+        }
+        assert_eq!(override_chance(0.1, 20.0), 0.1);
+        assert!((override_chance(0.1, 10.0) - 0.05).abs() < 1e-12);
+        assert_eq!(override_chance(1.0, 600.0), 0.95);
     }
 
     #[test]

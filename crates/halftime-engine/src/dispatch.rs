@@ -94,6 +94,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         cohorts,
         rebound_fraction_max: inner.config.rebound_fraction_max,
         rebound_sigmas: inner.config.rebound_sigmas,
+        delivery_sigmas: inner.config.delivery_sigmas,
         deferral_min_max: input.deferral_min_max,
         randomize_start_s: inner.config.randomize_start_s,
     };

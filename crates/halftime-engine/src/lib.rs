@@ -41,6 +41,10 @@ pub struct EngineConfig {
     /// Standard deviations of the scatter among individual appliances that the planned rebound leaves room for
     /// under the cap (a plan to the cap itself would break it about half the time).
     pub rebound_sigmas: f64,
+    /// Standard deviations of the scatter among individual appliances that the planned reduction leaves room
+    /// for above the target, so that what the devices really shed meets it (a plan to the target itself would
+    /// fall short about half the time).
+    pub delivery_sigmas: f64,
     pub fairness_window_days: u32,
     pub retention_days: u32,
     /// Devices pick a random start offset in [0, this] (IEEE 2030.5 randomizeStart).
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             system_caps: Limits::system_default(),
             rebound_fraction_max: 0.1,
             rebound_sigmas: 2.0,
+            delivery_sigmas: 1.5,
             fairness_window_days: 7,
             retention_days: 30,
             randomize_start_s: 30,

@@ -4,8 +4,9 @@
 //! `good_lp`, solved by the pure-Rust `microlp` by default) decides how many appliances of each cohort start a
 //! deferral in each slot and for how long, so that:
 //!
-//! - the target is met in every slot, net of each cohort's expected override rate and of the rebound of
-//!   appliances already released, or the shortfall per slot is reported;
+//! - the target is met in every slot, net of expected overrides (an overridden appliance sheds only until the
+//!   override and pays back from then) and of the rebound of appliances already released, with an allowance for
+//!   the scatter among individual appliances, or the shortfall per slot is reported;
 //! - no cohort is given a deferral longer than its budget band allows;
 //! - the rebound (payback) of released appliances never exceeds a configured fraction of the peak target, which
 //!   forces releases to be staggered;
@@ -26,7 +27,7 @@ pub use cohort::{
 
 use good_lp::{Expression, ProblemVariables, Solution, SolverModel, Variable, variable};
 use halftime_core::ApplianceClass;
-use halftime_core::physics::{Response, expected_response};
+use halftime_core::physics::{Response, expected_response, expected_response_overridden, override_chance};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -48,8 +49,11 @@ pub struct PlanRequest {
     /// Rebound in any slot may not exceed this fraction of the peak target.
     pub rebound_fraction_max: f64,
     /// Plan the expected rebound low enough that this many standard deviations of the scatter among individual
-    /// appliances still fit under the cap (0 plans to the cap itself). See [`rebound_plan_cap_w`].
+    /// appliances still fit under the cap (0 plans to the cap itself). See [`solve_lp`].
     pub rebound_sigmas: f64,
+    /// Plan the expected reduction high enough that this many standard deviations of the scatter among
+    /// individual appliances still meet the target (0 plans to the target itself). See [`solve_lp`].
+    pub delivery_sigmas: f64,
     /// The event's longest deferral.
     pub deferral_min_max: u32,
     /// Devices start each deferral at a uniform random offset in [0, this] seconds, so a share of every
@@ -95,55 +99,61 @@ pub enum PlanError {
     Solver(String),
 }
 
-/// The expected rebound to plan for, so that the real one stays under `cap_w`. Appliances pay back whole: at a
-/// given minute each one either draws its power or not, so the rebound scatters around its expectation `m`
-/// with a variance of at most `p_max_w × m` (Σ pᵢ² qᵢ ≤ p_max Σ pᵢ qᵢ). Solving `m + z·√(p_max·m) = cap` gives
-/// the largest `m` whose `z`-sigma excursion still fits. Large populations keep almost all of the cap; a few
-/// thousand appliances with 7 kW chargers among them keep about two thirds. The bound is loose for small
-/// populations (it prices every appliance as the largest), so the plan never keeps less than half the cap.
-pub fn rebound_plan_cap_w(cap_w: f64, p_max_w: f64, z: f64) -> f64 {
-    if cap_w <= 0.0 {
-        return 0.0;
-    }
-    let b = z.max(0.0) * p_max_w.max(0.0).sqrt();
-    let x = (-b + (b * b + 4.0 * cap_w).sqrt()) / 2.0;
-    (x * x).max(cap_w / 2.0)
+/// Mean rated power of a column's appliances, kW (expected reduction over duty cycle).
+fn rated_power_kw(col: &Column) -> f64 {
+    let duty = f64::from(col.key.class.profile().duty_cycle_permille) / 1000.0;
+    col.reduction_w / duty.max(1e-3) / 1e3
 }
 
-/// Rated power of the largest appliance among the cohorts, W (expected reduction over duty cycle).
-fn largest_appliance_w(cohorts: &[Cohort]) -> f64 {
-    cohorts
-        .iter()
-        .filter(|c| c.n_appliances > 0)
-        .map(|c| {
-            let duty = f64::from(c.key.class.profile().duty_cycle_permille) / 1000.0;
-            c.reduction_w_sum / f64::from(c.n_appliances) / duty.max(1e-3)
-        })
-        .fold(0.0, f64::max)
-}
-
-/// Expected responses (shed and payback per minute) by class and deferral length, computed once per plan, as
-/// devices will run them: after their random start offset.
+/// Expected responses (shed and payback per minute) by class, deferral length and override rate, computed
+/// once per plan, as devices will run them: after their random start offset, and overridden by a share of
+/// households.
 struct Responses {
     /// Mean start offset as a share of a minute.
     offset_share: f64,
-    cache: HashMap<(ApplianceClass, u32), Response>,
+    /// Responses run to the end and overridden, by class and deferral length.
+    base: HashMap<(ApplianceClass, u32), (Response, Response)>,
+    cache: HashMap<(ApplianceClass, u32, u32), Response>,
 }
 
 impl Responses {
     fn new(randomize_start_s: u32) -> Self {
-        Self { offset_share: (f64::from(randomize_start_s) / 120.0).clamp(0.0, 1.0), cache: HashMap::new() }
+        Self {
+            offset_share: (f64::from(randomize_start_s) / 120.0).clamp(0.0, 1.0),
+            base: HashMap::new(),
+            cache: HashMap::new(),
+        }
     }
 
     /// Shed from the start slot on (one minute longer than the deferral when there is an offset), and payback
-    /// from the slot the deferral nominally ends.
-    fn get(&mut self, class: ApplianceClass, deferral_min: u32) -> &Response {
+    /// from the slot the deferral nominally ends, for appliances whose households override a 20-minute
+    /// deferral with chance `override_rate` (kept to the per mille).
+    fn get(&mut self, class: ApplianceClass, deferral_min: u32, override_rate: f64) -> &Response {
         let f = self.offset_share;
-        self.cache.entry((class, deferral_min)).or_insert_with(|| {
-            let r = expected_response(class, deferral_min);
-            Response { shed: delay(&r.shed, f), payback: delay(&r.payback, f) }
+        let permille = (override_rate.clamp(0.0, 1.0) * 1000.0).round() as u32;
+        let base = &mut self.base;
+        self.cache.entry((class, deferral_min, permille)).or_insert_with(|| {
+            let (full, overridden) = base.entry((class, deferral_min)).or_insert_with(|| {
+                (expected_response(class, deferral_min), expected_response_overridden(class, deferral_min))
+            });
+            let p = override_chance(f64::from(permille) / 1000.0, f64::from(deferral_min));
+            let mix = |a: &[f64], b: &[f64]| -> Vec<f64> {
+                (0..a.len().max(b.len()))
+                    .map(|i| (1.0 - p) * a.get(i).copied().unwrap_or(0.0) + p * b.get(i).copied().unwrap_or(0.0))
+                    .collect()
+            };
+            Response {
+                shed: delay(&mix(&full.shed, &overridden.shed), f),
+                payback: delay(&mix(&full.payback, &overridden.payback), f),
+            }
         })
     }
+}
+
+/// Chance a cohort's household overrides a 20-minute deferral: the expected reduction it loses to overrides,
+/// as the engine reports it (`reduction_w_net_sum` is the reduction less each appliance's override rate).
+fn override_rate(c: &Cohort) -> f64 {
+    if c.reduction_w_sum <= 0.0 { 0.0 } else { (1.0 - c.reduction_w_net_sum / c.reduction_w_sum).clamp(0.0, 1.0) }
 }
 
 /// Moves a share `f` of each minute's value into the next minute: the mean effect of a start offset of `f`
@@ -172,9 +182,9 @@ struct Column {
     key: ColumnKey,
     cohorts: Vec<usize>,
     n_appliances: u32,
-    /// Per appliance, W: mean expected shed, and net of overrides.
+    /// Per appliance: mean expected shed, W, and chance of an override of a 20-minute deferral.
     reduction_w: f64,
-    reduction_w_net: f64,
+    override_rate: f64,
     deferral_options_min: Vec<u32>,
 }
 
@@ -207,7 +217,7 @@ fn columns(req: &PlanRequest) -> Vec<Column> {
                 cohorts,
                 n_appliances,
                 reduction_w: sum / f64::from(n_appliances),
-                reduction_w_net: sum_net / f64::from(n_appliances),
+                override_rate: (1.0 - sum_net / sum).clamp(0.0, 1.0),
                 deferral_options_min,
             })
         })
@@ -298,12 +308,51 @@ fn solve_lp<S: good_lp::Solver>(
     let n_start_slots = n_slots + tail_starts;
     let start_step = (n_start_slots as usize).div_ceil(N_START_SLOTS_MAX).max(1);
     let horizon = n_start_slots + REBOUND_HORIZON_TAIL_SLOTS;
-    let peak_target_w = req.target_w.iter().copied().fold(0.0, f64::max);
-    let rebound_cap_kw = rebound_plan_cap_w(
-        req.rebound_fraction_max * peak_target_w,
-        largest_appliance_w(&req.cohorts),
-        req.rebound_sigmas,
-    ) / 1e3;
+    let peak_target_kw = req.target_w.iter().copied().fold(0.0, f64::max) / 1e3;
+    let rebound_cap_kw = req.rebound_fraction_max * peak_target_kw;
+
+    // Allowances for the scatter among individual appliances, in delivery (target slots) and in rebound (after
+    // them). Each appliance's draw in a minute lies between 0 and its rated power P, so the variance of what a
+    // set of them sheds and pays back in a slot is at most V = Σ P × |expected effect| (shed and payback both
+    // count: a plan whose deferrals absorb each other's payback scatters with its gross flows, not its net).
+    // z·√V is not linear; but √V ≤ (V + V₀) / (2√V₀) for any V₀ > 0, with equality at V = V₀, so
+    //     expected − z·(V + V₀)/(2√V₀) ≥ bound
+    // is linear and never allows for less than z·√V. V₀ is a guess: what the slot's target (or the rebound cap)
+    // would be from appliances of the population's mean size, weighted by reduction, and at least (z·P_max)²,
+    // so no appliance's effect is discounted or inflated by more than half (small populations, where the guess
+    // is poor, still get a plan). After the target slots the allowance takes at most half the cap, so planning
+    // nothing is always feasible.
+    let (mut rp_sum, mut r_sum) = (0.0, 0.0);
+    for col in columns {
+        let r = col.reduction_w * f64::from(col.n_appliances);
+        rp_sum += r * rated_power_kw(col);
+        r_sum += r;
+    }
+    let p_mean_kw = if r_sum > 0.0 { rp_sum / r_sum } else { 0.0 };
+    let p_max_kw = columns.iter().map(rated_power_kw).fold(0.0, f64::max);
+    // Per slot: the factor a = z / (2√V₀) on each appliance's P × |effect|, and the bound on the net reduction
+    // (the target raised by z√V₀/2, or the rebound cap lowered by it).
+    let (scatter, bound_kw): (Vec<f64>, Vec<f64>) = (0..horizon as usize)
+        .map(|t| match req.target_w.get(t) {
+            Some(w) => {
+                let (z, target_kw) = (req.delivery_sigmas, w / 1e3);
+                if z <= 0.0 || target_kw <= 0.0 {
+                    return (0.0, target_kw);
+                }
+                let sqrt_v0 = (p_mean_kw * target_kw).max((z * p_max_kw).powi(2)).sqrt();
+                (z / (2.0 * sqrt_v0), target_kw + z * sqrt_v0 / 2.0)
+            }
+            None => {
+                let z = req.rebound_sigmas;
+                if z <= 0.0 || rebound_cap_kw <= 0.0 || p_mean_kw <= 0.0 {
+                    return (0.0, -rebound_cap_kw);
+                }
+                let sqrt_v0 = (p_mean_kw * rebound_cap_kw).max((z * p_max_kw).powi(2)).sqrt();
+                (z / (2.0 * sqrt_v0), -rebound_cap_kw + (z * sqrt_v0 / 2.0).min(rebound_cap_kw / 2.0))
+            }
+        })
+        .unzip();
+    let required_kw = &bound_kw[..n_slots as usize];
 
     let mut vars = ProblemVariables::new();
     let mut starts: Vec<(usize, u32, u32)> = Vec::new();
@@ -317,9 +366,11 @@ fn solve_lp<S: good_lp::Solver>(
         let profile = col.key.class.profile();
         let weight = profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
         let r_kw = col.reduction_w / 1e3;
-        let r_net_kw = col.reduction_w_net / 1e3;
+        let p_kw = rated_power_kw(col);
+        // An appliance's coefficient in slot t: its expected effect, less its scatter allowance.
+        let coefficient = |t: u32, effect: f64| r_kw * effect - scatter[t as usize] * p_kw * r_kw * effect.abs();
         for &d in &col.deferral_options_min {
-            let response = responses.get(col.key.class, d);
+            let response = responses.get(col.key.class, d, col.override_rate);
             for s in (0..n_start_slots).step_by(start_step) {
                 let v = vars.add(variable().min(0.0).max(f64::from(col.n_appliances)));
                 starts.push((j, s, d));
@@ -327,13 +378,13 @@ fn solve_lp<S: good_lp::Solver>(
                 // Cost: kW-minutes of discomfort, plus a tie-break towards shorter deferrals.
                 objective.add_mul(weight * r_kw * f64::from(d) + 1e-6 * f64::from(d), v);
                 for (t, shed) in (s..horizon).zip(&response.shed) {
-                    if *shed >= RESPONSE_COEFFICIENT_MIN {
-                        net[t as usize].add_mul(r_net_kw * shed, v);
+                    if shed.abs() >= RESPONSE_COEFFICIENT_MIN {
+                        net[t as usize].add_mul(coefficient(t, *shed), v);
                     }
                 }
                 for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
                     if *payback >= RESPONSE_COEFFICIENT_MIN {
-                        net[t as usize].add_mul(-r_kw * payback, v);
+                        net[t as usize].add_mul(coefficient(t, -payback), v);
                     }
                 }
                 capacity[j].add_mul(1.0, v);
@@ -349,23 +400,23 @@ fn solve_lp<S: good_lp::Solver>(
     // Weighted above any amount of per-slot shortfall, so it is minimised first.
     let short_fraction = even_shortfall.then(|| vars.add(variable().min(0.0).max(1.0)));
     if let Some(f) = short_fraction {
-        let target_kw_sum: f64 = req.target_w.iter().sum::<f64>() / 1e3;
-        objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (target_kw_sum + 1.0), f);
+        let required_kw_sum: f64 = required_kw.iter().sum();
+        objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (required_kw_sum + 1.0), f);
     }
     let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall);
     let mut problem = vars.minimise(objective).using(solver);
     if let Some(f) = short_fraction {
         for (t, &sf) in shortfall.iter().enumerate() {
-            problem.add_constraint((sf - f * (req.target_w[t] / 1e3)).leq(0.0));
+            problem.add_constraint((sf - f * required_kw[t]).leq(0.0));
         }
     }
     for (t, mut expr) in net.into_iter().enumerate() {
         if t < n_slots as usize {
             expr.add_mul(1.0, shortfall[t]);
-            problem.add_constraint(expr.geq(req.target_w[t] / 1e3));
+            problem.add_constraint(expr.geq(required_kw[t]));
         } else {
             // After the window, load may rise above baseline by at most the rebound cap.
-            problem.add_constraint(expr.geq(-rebound_cap_kw));
+            problem.add_constraint(expr.geq(bound_kw[t]));
         }
     }
     for (j, expr) in capacity.into_iter().enumerate() {
@@ -388,6 +439,9 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     }
     if !(0.0..=10.0).contains(&req.rebound_sigmas) {
         return Err(PlanError::Invalid("rebound sigmas must be in 0..=10"));
+    }
+    if !(0.0..=10.0).contains(&req.delivery_sigmas) {
+        return Err(PlanError::Invalid("delivery sigmas must be in 0..=10"));
     }
     if !(0.0..=1.0).contains(&req.rebound_fraction_max) {
         return Err(PlanError::Invalid("rebound fraction must be in 0..=1"));
@@ -465,7 +519,7 @@ pub fn evaluate(req: &PlanRequest, allocations: &[Allocation]) -> Evaluation {
     Evaluation { expected_w, shortfall_w, rebound_w }
 }
 
-/// Adds an allocation's expected shed (net of overrides) and payback to the net load change per slot, W,
+/// Adds an allocation's expected shed and payback (with expected overrides) to the net load change per slot, W,
 /// growing it to cover the payback.
 fn add_response(net_w: &mut Vec<f64>, req: &PlanRequest, a: &Allocation, responses: &mut Responses) {
     let c = &req.cohorts[a.cohort];
@@ -473,17 +527,16 @@ fn add_response(net_w: &mut Vec<f64>, req: &PlanRequest, a: &Allocation, respons
         return;
     }
     let per_w = c.reduction_w_sum / f64::from(c.n_appliances);
-    let per_net_w = c.reduction_w_net_sum / f64::from(c.n_appliances);
     let n = f64::from(a.n);
     let s = a.start_slot as usize;
     let d = a.deferral_min as usize;
-    let response = responses.get(c.key.class, a.deferral_min);
+    let response = responses.get(c.key.class, a.deferral_min, override_rate(c));
     let end = (s + response.shed.len()).max(s + d + response.payback.len());
     if net_w.len() < end {
         net_w.resize(end, 0.0);
     }
     for (slot, shed) in net_w[s..].iter_mut().zip(&response.shed) {
-        *slot += n * per_net_w * shed;
+        *slot += n * per_w * shed;
     }
     for (slot, payback) in net_w[s + d..].iter_mut().zip(&response.payback) {
         *slot -= n * per_w * payback;
@@ -514,8 +567,8 @@ pub fn greedy(req: &PlanRequest) -> Result<Vec<Allocation>, PlanError> {
             let i = order[next];
             let c = &req.cohorts[i];
             let deferral_min = c.deferral_min_cap().min(req.deferral_min_max).min((n_slots - t) as u32).max(1);
-            let first_w = per_w(c) * c.reduction_w_net_sum / c.reduction_w_sum.max(f64::MIN_POSITIVE)
-                * responses.get(c.key.class, deferral_min).shed.first().copied().unwrap_or(0.0);
+            let first_w = per_w(c)
+                * responses.get(c.key.class, deferral_min, override_rate(c)).shed.first().copied().unwrap_or(0.0);
             let n = if first_w > 0.0 { (need_w / first_w).ceil().min(f64::from(left[i])) as u32 } else { 0 };
             if n == 0 {
                 next += 1;

@@ -20,6 +20,7 @@ fn request(target_kw: &[f64], cohorts: Vec<Cohort>) -> PlanRequest {
         cohorts,
         rebound_fraction_max: 0.1,
         rebound_sigmas: 0.0,
+        delivery_sigmas: 0.0,
         deferral_min_max: 30,
         randomize_start_s: 0,
     }
@@ -120,18 +121,38 @@ proptest! {
     }
 }
 
+/// The allowances for scatter grow with the size of the appliances a plan relies on: the same expected
+/// reduction from 7.4 kW chargers is planned with more headroom above the target and below the rebound cap than
+/// from 160 W freezers, and with none when no sigmas are asked for.
 #[test]
-fn the_planned_rebound_leaves_room_for_the_scatter_of_big_appliances() {
-    // No scatter allowed for: the cap itself.
-    assert!((rebound_plan_cap_w(100e3, 7_400.0, 0.0) - 100e3).abs() < 1e-6);
-    // 2 sigmas with 7.4 kW chargers: m + 2·sqrt(7400·m) = 100 kW.
-    let m = rebound_plan_cap_w(100e3, 7_400.0, 2.0);
-    assert!((m + 2.0 * (7_400.0 * m).sqrt() - 100e3).abs() < 1e-6 && m < 70e3 && m > 50e3, "{m}");
-    // At national scale the headroom all but vanishes.
-    assert!(rebound_plan_cap_w(100e6, 7_400.0, 2.0) > 0.98 * 100e6);
-    // A cap no bigger than one charger: the plan still keeps half of it.
-    assert_eq!(rebound_plan_cap_w(8e3, 7_400.0, 2.0), 4e3);
-    assert_eq!(rebound_plan_cap_w(0.0, 7_400.0, 2.0), 0.0);
+fn the_scatter_allowances_grow_with_the_size_of_the_appliances() {
+    let target_kw = [300.0; 10];
+    // Delivery with the rebound cap out of the way, rebound with no delivery allowance.
+    let plan_of = |class: ApplianceClass, delivery_sigmas: f64, rebound_sigmas: f64| {
+        let mut req = request(&target_kw, vec![cohort(0, class, 6, 0, 1_000_000)]);
+        req.cohorts[0].reduction_w_net_sum = req.cohorts[0].reduction_w_sum;
+        req.rebound_fraction_max = if rebound_sigmas > 0.0 { 0.1 } else { 1.0 };
+        req.rebound_sigmas = rebound_sigmas;
+        req.delivery_sigmas = delivery_sigmas;
+        let plan = plan(&req).unwrap();
+        let over = plan.evaluation.expected_w.iter().map(|w| w / 300e3 - 1.0).fold(f64::INFINITY, f64::min);
+        let rebound =
+            plan.evaluation.rebound_w.iter().copied().fold(0.0, f64::max) / (req.rebound_fraction_max * 300e3);
+        (over, rebound)
+    };
+    let (over_none, _) = plan_of(ApplianceClass::EvCharger, 0.0, 0.0);
+    assert!(over_none.abs() < 0.01, "{over_none}");
+    let (_, rebound_none) = plan_of(ApplianceClass::Freezer, 0.0, 1e-9);
+    // To the cap, give or take rounding to whole appliances.
+    assert!(rebound_none > 0.95 && rebound_none <= 1.02, "{rebound_none} of the cap");
+    let (over_ev, _) = plan_of(ApplianceClass::EvCharger, 2.0, 0.0);
+    let (over_freezer, _) = plan_of(ApplianceClass::Freezer, 2.0, 0.0);
+    let (_, rebound_ev) = plan_of(ApplianceClass::EvCharger, 0.0, 2.0);
+    let (_, rebound_freezer) = plan_of(ApplianceClass::Freezer, 0.0, 2.0);
+    // 2 sigmas of 300 kW from 7.4 kW chargers: at least 2·√(7.4 × 300) = 94 kW, 31 %.
+    assert!(over_ev >= 0.31, "chargers planned {over_ev} above the target");
+    assert!(over_freezer > 0.0 && over_freezer < over_ev / 2.0, "freezers {over_freezer}, chargers {over_ev}");
+    assert!(rebound_ev < rebound_freezer && rebound_freezer < 1.0, "rebound {rebound_ev} {rebound_freezer} of the cap");
 }
 
 /// A sustained target the population cannot carry under the rebound cap (a trip) falls short by about the same

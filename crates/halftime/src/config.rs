@@ -34,6 +34,7 @@ pub struct Config {
 pub struct EngineSection {
     pub rebound_fraction_max: f64,
     pub rebound_sigmas: f64,
+    pub delivery_sigmas: f64,
     pub fairness_window_days: u32,
     pub retention_days: u32,
     pub randomize_start_s: u32,
@@ -93,6 +94,7 @@ impl Default for EngineSection {
         Self {
             rebound_fraction_max: e.rebound_fraction_max,
             rebound_sigmas: e.rebound_sigmas,
+            delivery_sigmas: e.delivery_sigmas,
             fairness_window_days: e.fairness_window_days,
             retention_days: e.retention_days,
             randomize_start_s: e.randomize_start_s,
@@ -150,6 +152,7 @@ impl Config {
         let e = &self.engine;
         anyhow::ensure!((0.0..=1.0).contains(&e.rebound_fraction_max), "engine.rebound_fraction_max: must be in 0..=1");
         anyhow::ensure!((0.0..=10.0).contains(&e.rebound_sigmas), "engine.rebound_sigmas: must be in 0..=10");
+        anyhow::ensure!((0.0..=10.0).contains(&e.delivery_sigmas), "engine.delivery_sigmas: must be in 0..=10");
         anyhow::ensure!(e.fairness_window_days >= 1, "engine.fairness_window_days: must be >= 1");
         anyhow::ensure!(
             e.retention_days >= e.fairness_window_days,
@@ -177,6 +180,7 @@ impl Config {
             system_caps,
             rebound_fraction_max: e.rebound_fraction_max,
             rebound_sigmas: e.rebound_sigmas,
+            delivery_sigmas: e.delivery_sigmas,
             fairness_window_days: e.fairness_window_days,
             retention_days: e.retention_days,
             randomize_start_s: e.randomize_start_s,

@@ -193,6 +193,9 @@ pub struct Report {
     pub payback_mwh: f64,
     /// Payback that landed after a window closed (EV sessions end hours later); not in `payback_mwh`.
     pub payback_after_window_mwh: f64,
+    /// Shed after the listed minutes by deferrals that started in them (the plan's last deferrals, absorbing
+    /// earlier payback), MWh.
+    pub shed_after_window_mwh: f64,
     pub peak_delivered_mw: f64,
     /// Largest net rise above baseline (rebound less shed, any minute including after the windows) over the
     /// peak delivered reduction.
@@ -253,6 +256,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
     // the window's end, into a tail that is counted but not listed).
     let mut minutes = Vec::new();
     let mut payback_after_w_min = 0.0;
+    let mut shed_after_w_min = 0.0;
     let mut net_rise_max_w = 0.0f64;
     let mut by_window: Vec<Vec<&Applied>> = vec![Vec::new(); i.windows.len()];
     for a in i.applied {
@@ -270,6 +274,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             a.add_to(from, &mut shed, &mut payback);
         }
         payback_after_w_min += payback[n..].iter().sum::<f64>();
+        shed_after_w_min += shed[n..].iter().sum::<f64>();
         net_rise_max_w = shed.iter().zip(&payback).map(|(s, p)| p - s).fold(net_rise_max_w, f64::max);
         for m in 0..n {
             let t = from + m as i64 * MS_PER_MIN;
@@ -371,6 +376,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
         shed_mwh: mwh(&|m| m.shed_mw),
         payback_mwh: mwh(&|m| m.payback_mw),
         payback_after_window_mwh: payback_after_w_min / 60.0 / 1e6,
+        shed_after_window_mwh: shed_after_w_min / 60.0 / 1e6,
         peak_delivered_mw,
         rebound_peak_fraction: if peak_delivered_mw > 0.0 {
             net_rise_max_w.max(0.0) / 1e6 / peak_delivered_mw
@@ -581,6 +587,7 @@ fn markdown(r: &Report) -> String {
         ("shed by deferred appliances (gross)", format!("{:.4} MWh", r.shed_mwh)),
         ("paid back by released appliances (gross)", format!("{:.4} MWh", r.payback_mwh)),
         ("payback after the windows", format!("{:.4} MWh", r.payback_after_window_mwh)),
+        ("shed after the windows", format!("{:.4} MWh", r.shed_after_window_mwh)),
         ("peak delivered reduction", format!("{:.4} MW", r.peak_delivered_mw)),
         ("largest net rise above baseline / peak reduction", format!("{:.1} %", r.rebound_peak_fraction * 100.0)),
         ("minutes with a target", r.minutes_with_target.to_string()),
