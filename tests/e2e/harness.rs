@@ -21,8 +21,6 @@ pub fn config() -> Config {
     c.engine.tick_interval_ms = 20;
     // A few dozen appliances: no scatter to allow for (the planner's and the simulator's tests cover it), and
     // plans whose shape these tests can state exactly.
-    c.engine.delivery_sigmas = 0.0;
-    c.engine.rebound_sigmas = 0.0;
     c
 }
 

@@ -153,6 +153,8 @@ pub enum ReservationCheck {
     QuietWindow,
     #[error("appliance already deferred at that time")]
     ApplianceBusy,
+    #[error("appliance already deferred in this event")]
+    AlreadyInEvent,
     #[error("malformed reservation")]
     Malformed,
 }
@@ -189,6 +191,10 @@ pub fn check_reservation<'a>(
     let mut other_events_today: Vec<EventId> = Vec::new();
     let rest_ms = i64::from(limits.rest_min_min) * MS_PER_MIN;
     for r in existing {
+        // One deferral per appliance per event: an event tracks, releases and cancels each device's one command.
+        if r.appliance == new.appliance && r.event == new.event {
+            return Err(ReservationCheck::AlreadyInEvent);
+        }
         if r.appliance == new.appliance
             && r.not_before_unix_ms < new.not_after_unix_ms
             && new.not_before_unix_ms < r.not_after_unix_ms
@@ -257,6 +263,11 @@ mod tests {
         // Same event, other appliance, overlapping: fine. Same appliance overlapping: busy.
         assert_eq!(check_reservation(&limits, 30, &[a], &res(1, 2, noon, 15)), Ok(()));
         assert_eq!(check_reservation(&limits, 30, &[a], &res(2, 1, noon + 5, 5)), Err(ReservationCheck::ApplianceBusy));
+        // Same appliance, same event, later: one deferral per appliance per event.
+        assert_eq!(
+            check_reservation(&limits, 30, &[a], &res(1, 1, noon + 20, 5)),
+            Err(ReservationCheck::AlreadyInEvent)
+        );
         // Another event too close: rest.
         assert_eq!(check_reservation(&limits, 30, &[a], &res(2, 2, noon + 30, 10)), Err(ReservationCheck::Rest));
         let b = res(2, 2, noon + 45, 10);

@@ -2,10 +2,10 @@
 //! async executor.
 
 use crate::{EngineError, Inner};
-use ahash::AHashMap as HashMap;
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use halftime_core::time::MS_PER_MIN;
 use halftime_core::{
-    Appliance, CommandKind, DeferralCommand, EventId, HouseholdId, RegionId, Reservation, SignedCommand,
+    Appliance, ApplianceId, CommandKind, DeferralCommand, EventId, HouseholdId, RegionId, Reservation, SignedCommand,
 };
 use halftime_ledger::Standing;
 use halftime_planner::{Allocation, Cohort, CohortKey, Evaluation, N_BURDEN_BANDS, PlanRequest, budget_band};
@@ -33,6 +33,8 @@ pub struct DispatchInput<'a> {
     pub target_w: &'a [f64],
     pub deferral_min_max: u32,
     pub now_unix_ms: i64,
+    /// Appliances that already have a deferral in this event (an update adds others, never these).
+    pub already_deferred: &'a HashSet<ApplianceId>,
 }
 
 struct Member {
@@ -48,6 +50,9 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     let mut standing: HashMap<HouseholdId, Option<Standing>> = HashMap::new();
     let mut eligible: Vec<(Appliance, u8, Standing)> = Vec::new();
     inner.registry.for_each_in(input.regions, |a| {
+        if input.already_deferred.contains(&a.id) {
+            return;
+        }
         let s = *standing
             .entry(a.household)
             .or_insert_with(|| inner.ledger.standing(a.household, input.event, input.start_unix_ms, input.now_unix_ms));

@@ -498,9 +498,10 @@ impl Engine {
         deferral_min_max: u32,
         received: std::time::Instant,
     ) -> Result<PlanSummary, EngineError> {
-        let (event, event_start) = {
+        let (event, event_start, already_deferred) = {
             let st = rt.lock();
-            (st.record.id, st.record.spec.start_unix_ms)
+            let already_deferred: ahash::AHashSet<ApplianceId> = st.devices.keys().copied().collect();
+            (st.record.id, st.record.spec.start_unix_ms, already_deferred)
         };
         let start_unix_ms = event_start + first_slot as i64 * MS_PER_MIN;
         let inner = Arc::clone(&self.inner);
@@ -518,6 +519,7 @@ impl Engine {
                     target_w: &target_w,
                     deferral_min_max,
                     now_unix_ms: now,
+                    already_deferred: &already_deferred,
                 },
             )
         })
