@@ -354,6 +354,9 @@ fn solve_lp<S: good_lp::Solver>(
         .unzip();
     let required_kw = &bound_kw[..n_slots as usize];
 
+    // The first slot with the peak target, and the plan's expected net reduction in it (no allowances).
+    let peak_slot = req.target_w.iter().position(|&w| w / 1e3 >= peak_target_kw).unwrap_or(0) as u32;
+    let mut peak_expected = Expression::with_capacity(columns.len() * 4);
     let mut vars = ProblemVariables::new();
     let mut starts: Vec<(usize, u32, u32)> = Vec::new();
     let mut start_vars: Vec<Variable> = Vec::new();
@@ -380,11 +383,17 @@ fn solve_lp<S: good_lp::Solver>(
                 for (t, shed) in (s..horizon).zip(&response.shed) {
                     if shed.abs() >= RESPONSE_COEFFICIENT_MIN {
                         net[t as usize].add_mul(coefficient(t, *shed), v);
+                        if t == peak_slot {
+                            peak_expected.add_mul(r_kw * shed, v);
+                        }
                     }
                 }
                 for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
                     if *payback >= RESPONSE_COEFFICIENT_MIN {
                         net[t as usize].add_mul(coefficient(t, -payback), v);
+                        if t == peak_slot {
+                            peak_expected.add_mul(-r_kw * payback, v);
+                        }
                     }
                 }
                 capacity[j].add_mul(1.0, v);
@@ -403,8 +412,14 @@ fn solve_lp<S: good_lp::Solver>(
         let required_kw_sum: f64 = required_kw.iter().sum();
         objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (required_kw_sum + 1.0), f);
     }
-    let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall);
+    // The rebound rule is relative to the peak reduction: where the plan falls short, its rebound must shrink
+    // with what it delivers, not stay at a share of a target it does not reach. `peak` is at most the expected
+    // reduction in the first slot with the peak target, and at most that target.
+    let peak = vars.add(variable().min(0.0));
+    let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall) + 1;
     let mut problem = vars.minimise(objective).using(solver);
+    problem.add_constraint((peak_expected - peak).geq(0.0));
+    problem.add_constraint(Expression::from(peak).leq(peak_target_kw));
     if let Some(f) = short_fraction {
         for (t, &sf) in shortfall.iter().enumerate() {
             problem.add_constraint((sf - f * required_kw[t]).leq(0.0));
@@ -414,9 +429,15 @@ fn solve_lp<S: good_lp::Solver>(
         if t < n_slots as usize {
             expr.add_mul(1.0, shortfall[t]);
             problem.add_constraint(expr.geq(required_kw[t]));
-        } else {
-            // After the window, load may rise above baseline by at most the rebound cap.
+        } else if std::env::var("DBG_OLD").is_ok() {
             problem.add_constraint(expr.geq(bound_kw[t]));
+        } else if peak_target_kw > 0.0 {
+            // After the window, load may rise above baseline by at most the rebound cap (less its allowance),
+            // scaled by the share of the peak target the plan delivers.
+            expr.add_mul(-bound_kw[t] / peak_target_kw, peak);
+            problem.add_constraint(expr.geq(0.0));
+        } else {
+            problem.add_constraint(expr.geq(0.0));
         }
     }
     for (j, expr) in capacity.into_iter().enumerate() {
