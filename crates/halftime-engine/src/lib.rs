@@ -67,7 +67,10 @@ impl Default for EngineConfig {
             rebound_fraction_max: 0.1,
             rebound_sigmas: 2.0,
             delivery_sigmas: 1.5,
-            fairness_window_days: 7,
+            // A month: who goes first is decided by burden over the month, so deferrals even out over a
+            // season. With a week, a household deferred for 30 minutes tied a week later with one deferred for
+            // 5, and the burden bands saw almost everyone at zero.
+            fairness_window_days: 30,
             retention_days: 30,
             randomize_start_s: 30,
             release_over_min_default: 5,

@@ -9,6 +9,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::watch;
 
+/// How long after its last command's end an event waits for device reports still in flight before its
+/// progress is final.
+const REPORT_GRACE_MS: i64 = 60_000;
+
 #[derive(Clone, Debug)]
 pub struct DeviceTrack {
     pub household: HouseholdId,
@@ -205,7 +209,14 @@ impl RuntimeState {
         if self.record.state == EventState::Active && now_unix_ms >= self.record.spec.end_unix_ms() {
             self.record.state = EventState::Completed;
         }
-        if now_unix_ms >= self.last_not_after_unix_ms && self.record.state != EventState::Scheduled {
+        // Closed (the progress stream's last message) once every command has ended and every device has said
+        // how, or a grace period after the last command's end for reports still in flight.
+        if !self.closed
+            && self.record.state != EventState::Scheduled
+            && now_unix_ms >= self.last_not_after_unix_ms
+            && (now_unix_ms >= self.last_not_after_unix_ms + REPORT_GRACE_MS
+                || self.devices.values().all(|t| t.status.is_final()))
+        {
             self.closed = true;
         }
         let changed = before != (self.record.state, self.closed);
