@@ -167,6 +167,9 @@ pub struct FairnessGroup {
     pub n_households: usize,
     pub jain: f64,
     pub burden_mean_kw_min: f64,
+    /// Deferrals applied per household, on average, and the share of households never deferred.
+    pub deferrals_mean: f64,
+    pub never_deferred_share: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -513,11 +516,14 @@ fn fairness(i: &Inputs<'_>) -> (Vec<FairnessGroup>, Vec<f64>, usize) {
     }
     let mut kw_min: HashMap<u64, f64> = HashMap::new();
     let mut minutes: HashMap<u64, f64> = HashMap::new();
+    let mut deferrals: HashMap<u64, u32> = HashMap::new();
     for a in i.applied {
         *kw_min.entry(a.household.0).or_default() += minutes_of(a) * expected_w(a) / 1e3;
         *minutes.entry(a.household.0).or_default() += minutes_of(a);
+        *deferrals.entry(a.household.0).or_default() += 1;
     }
-    let mut groups: HashMap<u16, Vec<f64>> = HashMap::new();
+    // Per group: burden (kW·min) and deferrals of each household.
+    let mut groups: HashMap<u16, Vec<(f64, u32)>> = HashMap::new();
     let mut burden_minutes = Vec::new();
     for h in &i.population.households {
         let Some(&mask) = classes_of.get(&h.id.0) else { continue };
@@ -527,22 +533,29 @@ fn fairness(i: &Inputs<'_>) -> (Vec<FairnessGroup>, Vec<f64>, usize) {
         }
         burden_minutes.push(minutes.get(&h.id.0).copied().unwrap_or(0.0));
         if h.own_limits.is_none() {
-            groups.entry(mask).or_default().push(kw_min.get(&h.id.0).copied().unwrap_or(0.0));
+            let burden = kw_min.get(&h.id.0).copied().unwrap_or(0.0);
+            groups.entry(mask).or_default().push((burden, deferrals.get(&h.id.0).copied().unwrap_or(0)));
         }
     }
     let mut out: Vec<FairnessGroup> = groups
         .into_iter()
         .filter(|(_, v)| v.len() >= FAIRNESS_GROUP_MIN)
-        .map(|(mask, v)| FairnessGroup {
-            classes: ApplianceClass::ALL
-                .iter()
-                .filter(|c| mask & (1 << c.index()) != 0)
-                .map(|c| c.name())
-                .collect::<Vec<_>>()
-                .join("+"),
-            n_households: v.len(),
-            jain: jain(&v),
-            burden_mean_kw_min: v.iter().sum::<f64>() / v.len() as f64,
+        .map(|(mask, v)| {
+            let burden: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let n = v.len() as f64;
+            FairnessGroup {
+                classes: ApplianceClass::ALL
+                    .iter()
+                    .filter(|c| mask & (1 << c.index()) != 0)
+                    .map(|c| c.name())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                n_households: v.len(),
+                jain: jain(&burden),
+                burden_mean_kw_min: burden.iter().sum::<f64>() / n,
+                deferrals_mean: v.iter().map(|x| f64::from(x.1)).sum::<f64>() / n,
+                never_deferred_share: v.iter().filter(|x| x.1 == 0).count() as f64 / n,
+            }
         })
         .collect();
     out.sort_by(|a, b| b.n_households.cmp(&a.n_households).then(a.classes.cmp(&b.classes)));
@@ -611,9 +624,22 @@ fn markdown(r: &Report) -> String {
         "Burden is minutes deferred weighted by expected kW. Jain's index over households enrolled alike (same classes, default limits), weighted mean **{:.3}**, lowest group {:.3}. Burden per participating household: median {:.1} min, max {:.1} min.\n",
         r.jain_burden, r.jain_burden_min_group, r.burden_median_minutes, r.burden_max_minutes
     );
-    let _ = writeln!(s, "| classes enrolled | households | Jain | mean burden kW·min |\n|---|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "| classes enrolled | households | Jain | mean burden kW·min | deferrals per household | never deferred |\n\
+         |---|---:|---:|---:|---:|---:|"
+    );
     for g in r.fairness_groups.iter().take(12) {
-        let _ = writeln!(s, "| {} | {} | {:.3} | {:.2} |", g.classes, g.n_households, g.jain, g.burden_mean_kw_min);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.3} | {:.2} | {:.2} | {:.1} % |",
+            g.classes,
+            g.n_households,
+            g.jain,
+            g.burden_mean_kw_min,
+            g.deferrals_mean,
+            100.0 * g.never_deferred_share
+        );
     }
     let l = &r.latency_ms;
     let _ = writeln!(s, "\n## Latency (real time, worst event)\n");
