@@ -315,3 +315,57 @@ fn picking_rotates_through_every_household_across_fairness_windows() {
         assert!(most - least <= 1, "deferrals per household range from {least} to {most}: {times:?}");
     });
 }
+
+/// Over a season of evening events, picking spreads the planned minutes evenly over households enrolled alike
+/// (Jain ≥ 0.98 among fridge-only households), with chargers, freezers and heaters competing beside them.
+#[test]
+fn a_season_of_events_spreads_planned_minutes_evenly() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    let n_households = 2_000u64;
+    let is_fridge = |h: u64| (9..20).contains(&(h % 20));
+    runtime().block_on(async {
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        let region = engine.regions().lookup("_C").unwrap();
+        let appliances: Vec<Appliance> = (1..=n_households)
+            .map(|i| {
+                let (class, rated_power_w) = match i % 20 {
+                    0 => (ApplianceClass::EvCharger, 7_400),
+                    1..=5 => (ApplianceClass::Freezer, 160),
+                    6..=8 => (ApplianceClass::WaterHeater, 3_000),
+                    _ => (ApplianceClass::Fridge, 135),
+                };
+                let p = class.profile();
+                Appliance {
+                    id: ApplianceId(10_000 + i),
+                    household: HouseholdId(i),
+                    region,
+                    class,
+                    rated_power_w,
+                    duty_cycle_permille: p.duty_cycle_permille as u16,
+                    deferral_min_max: p.deferral_min_max_safe as u16,
+                    override_rate_permille: 100,
+                }
+            })
+            .collect();
+        engine.enrol(appliances).await.unwrap();
+        let shape = [0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2];
+        let target_kw: Vec<f64> = shape.iter().map(|x| x * 40.0).collect();
+        for day in 0..20 {
+            let now = T0 + day * MS_PER_DAY;
+            clock.0.store(now, Ordering::SeqCst);
+            let req = submit_request(&format!("day-{day}"), &["_C"], now + 60_000, target_kw.clone(), 30);
+            engine.submit(req, &Grant::unrestricted()).await.unwrap();
+        }
+        let mut minutes: HashMap<u64, f64> = (1..=n_households).filter(|&h| is_fridge(h)).map(|h| (h, 0.0)).collect();
+        for e in engine.ledger().all_entries() {
+            if let Some(m) = minutes.get_mut(&e.reservation.household.0) {
+                *m += f64::from(e.reservation.deferral_s) / 60.0;
+            }
+        }
+        let v: Vec<f64> = minutes.values().copied().collect();
+        let (sum, sum_sq) = v.iter().fold((0.0, 0.0), |(s, q), x| (s + x, q + x * x));
+        let jain = sum * sum / (v.len() as f64 * sum_sq);
+        assert!(sum > 0.0 && jain >= 0.98, "Jain {jain:.3} over {} fridge households", v.len());
+    });
+}
