@@ -14,13 +14,11 @@ use halftime_proto::pb::device_link_client::DeviceLinkClient;
 use halftime_proto::pb::device_link_server::{DeviceLink, DeviceLinkServer};
 use halftime_proto::pb::uplink::Msg as UpMsg;
 use halftime_server::MESSAGE_BYTES_MAX;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 const N_LINKS: u64 = 16;
@@ -98,13 +96,12 @@ struct LinkOverHeadEnd {
     headend: Arc<HeadEnd>,
 }
 
-type Downlinks = Pin<Box<dyn Stream<Item = Result<pb::Downlink, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl DeviceLink for LinkOverHeadEnd {
-    type AttachStream = Downlinks;
+    type AttachStream = halftime_server::BoxStream<pb::Downlink>;
 
-    async fn attach(&self, request: Request<Streaming<pb::Uplink>>) -> Result<Response<Downlinks>, Status> {
+    async fn attach(&self, request: Request<Streaming<pb::Uplink>>) -> Result<Response<Self::AttachStream>, Status> {
         let mut uplink = request.into_inner();
         let Some(pb::Uplink { msg: Some(UpMsg::Hello(hello)) }) = uplink.message().await? else {
             return Err(Status::invalid_argument("hello: the stream must start with a hello"));
@@ -119,17 +116,8 @@ impl DeviceLink for LinkOverHeadEnd {
                 }
             }
         });
-        let ack = pb::Downlink {
-            msg: Some(pb::downlink::Msg::HelloAck(pb::HelloAck { n_devices: devices.len() as u32, key_ids: vec![1] })),
-        };
-        let commands = ReceiverStream::new(rx).map(|batch| {
-            Ok(pb::Downlink {
-                msg: Some(pb::downlink::Msg::Commands(pb::CommandBatch {
-                    commands: batch.iter().map(halftime_proto::command_to_pb).collect(),
-                })),
-            })
-        });
-        Ok(Response::new(Box::pin(tokio_stream::once(Ok(ack)).chain(commands))))
+        let ack = pb::HelloAck { n_devices: devices.len() as u32, key_ids: vec![1] };
+        Ok(Response::new(halftime_server::downlinks(ack, rx)))
     }
 
     async fn resync(&self, request: Request<pb::ResyncRequest>) -> Result<Response<pb::ResyncResponse>, Status> {

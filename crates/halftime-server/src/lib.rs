@@ -5,6 +5,7 @@
 use halftime_core::validate::{self, limit_count};
 use halftime_core::{ApplianceId, FieldError, HouseholdId, RegionId};
 use halftime_engine::{Engine, EngineError, Grant, SubmitRequest};
+use halftime_headend::LinkReceiver;
 use halftime_proto::pb;
 use halftime_proto::pb::device_link_server::{DeviceLink, DeviceLinkServer};
 use halftime_proto::pb::grid_operator_server::{GridOperator, GridOperatorServer};
@@ -63,7 +64,7 @@ fn bad(e: FieldError) -> Status {
     invalid(&e)
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[derive(Clone, Debug)]
 pub struct GridOperatorService {
@@ -359,20 +360,8 @@ impl DeviceLink for DeviceLinkService {
             }
             engine.detach(link);
         });
-        let ack = pb::Downlink {
-            msg: Some(pb::downlink::Msg::HelloAck(pb::HelloAck {
-                n_devices: devices.len() as u32,
-                key_ids: vec![self.engine.key_id()],
-            })),
-        };
-        let commands = ReceiverStream::new(rx).map(|batch| {
-            Ok(pb::Downlink {
-                msg: Some(pb::downlink::Msg::Commands(pb::CommandBatch {
-                    commands: batch.iter().map(halftime_proto::command_to_pb).collect(),
-                })),
-            })
-        });
-        Ok(Response::new(Box::pin(tokio_stream::once(Ok(ack)).chain(commands))))
+        let ack = pb::HelloAck { n_devices: devices.len() as u32, key_ids: vec![self.engine.key_id()] };
+        Ok(Response::new(downlinks(ack, rx)))
     }
 
     async fn resync(&self, request: Request<pb::ResyncRequest>) -> Result<Response<pb::ResyncResponse>, Status> {
@@ -380,6 +369,19 @@ impl DeviceLink for DeviceLinkService {
         let commands = self.engine.resync(device).map_err(status_of)?;
         Ok(Response::new(pb::ResyncResponse { commands: commands.iter().map(halftime_proto::command_to_pb).collect() }))
     }
+}
+
+/// A link's downlink: the hello's acknowledgement, then each batch of commands the head-end queues for it.
+pub fn downlinks(ack: pb::HelloAck, rx: LinkReceiver) -> BoxStream<pb::Downlink> {
+    let ack = pb::Downlink { msg: Some(pb::downlink::Msg::HelloAck(ack)) };
+    let commands = ReceiverStream::new(rx).map(|batch| {
+        Ok(pb::Downlink {
+            msg: Some(pb::downlink::Msg::Commands(pb::CommandBatch {
+                commands: batch.iter().map(halftime_proto::command_to_pb).collect(),
+            })),
+        })
+    });
+    Box::pin(tokio_stream::once(Ok(ack)).chain(commands))
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
