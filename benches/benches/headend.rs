@@ -96,7 +96,6 @@ struct LinkOverHeadEnd {
     headend: Arc<HeadEnd>,
 }
 
-
 #[tonic::async_trait]
 impl DeviceLink for LinkOverHeadEnd {
     type AttachStream = halftime_server::BoxStream<pb::Downlink>;
