@@ -153,7 +153,12 @@ impl Responses {
 /// Chance a cohort's household overrides a 20-minute deferral: the expected reduction it loses to overrides,
 /// as the engine reports it (`reduction_w_net_sum` is the reduction less each appliance's override rate).
 fn override_rate(c: &Cohort) -> f64 {
-    if c.reduction_w_sum <= 0.0 { 0.0 } else { (1.0 - c.reduction_w_net_sum / c.reduction_w_sum).clamp(0.0, 1.0) }
+    override_rate_of(c.reduction_w_sum, c.reduction_w_net_sum)
+}
+
+/// The override rate behind an expected reduction and the same net of overrides.
+fn override_rate_of(reduction_w: f64, reduction_w_net: f64) -> f64 {
+    if reduction_w <= 0.0 { 0.0 } else { (1.0 - reduction_w_net / reduction_w).clamp(0.0, 1.0) }
 }
 
 /// Moves a share `f` of each minute's value into the next minute: the mean effect of a start offset of `f`
@@ -217,7 +222,7 @@ fn columns(req: &PlanRequest) -> Vec<Column> {
                 cohorts,
                 n_appliances,
                 reduction_w: sum / f64::from(n_appliances),
-                override_rate: (1.0 - sum_net / sum).clamp(0.0, 1.0),
+                override_rate: override_rate_of(sum, sum_net),
                 deferral_options_min,
             })
         })
