@@ -99,10 +99,26 @@ pub enum PlanError {
     Solver(String),
 }
 
-/// Mean rated power of a column's appliances, kW (expected reduction over duty cycle).
-fn rated_power_kw(col: &Column) -> f64 {
-    let duty = f64::from(col.key.class.profile().duty_cycle_permille) / 1000.0;
-    col.reduction_w / duty.max(1e-3) / 1e3
+/// Per column, the mean rated power of its class's appliances in the plan, kW (expected reduction over duty
+/// cycle). One figure per class, not per column: the columns of a class differ only in burden and budget, and
+/// their appliances' powers by chance. Per column, the scatter allowance (∝ power) told the LP that the
+/// most-burdened band, whose appliances happened to be a few percent smaller, delivered a little more within
+/// the rebound cap, and where the cap bound it picked them over the least burdened every time.
+fn class_rated_power_kw(columns: &[Column]) -> Vec<f64> {
+    let mut by_class = [(0.0f64, 0u64); halftime_core::appliance::N_CLASSES];
+    for col in columns {
+        let c = &mut by_class[col.key.class.index()];
+        c.0 += col.reduction_w * f64::from(col.n_appliances);
+        c.1 += u64::from(col.n_appliances);
+    }
+    columns
+        .iter()
+        .map(|col| {
+            let (sum_w, n) = by_class[col.key.class.index()];
+            let duty = f64::from(col.key.class.profile().duty_cycle_permille) / 1000.0;
+            sum_w / (n.max(1) as f64) / duty.max(1e-3) / 1e3
+        })
+        .collect()
 }
 
 /// Expected responses (shed and payback per minute) by class, deferral length and override rate, computed
@@ -331,14 +347,15 @@ fn solve_lp<S: good_lp::Solver>(
     // so no appliance's effect is discounted or inflated by more than half (small populations, where the guess
     // is poor, still get a plan). After the target slots the allowance takes at most half the cap, so planning
     // nothing is always feasible.
+    let rated_kw = class_rated_power_kw(columns);
     let (mut rp_sum, mut r_sum) = (0.0, 0.0);
-    for col in columns {
+    for (col, p_kw) in columns.iter().zip(&rated_kw) {
         let r = col.reduction_w * f64::from(col.n_appliances);
-        rp_sum += r * rated_power_kw(col);
+        rp_sum += r * p_kw;
         r_sum += r;
     }
     let p_mean_kw = if r_sum > 0.0 { rp_sum / r_sum } else { 0.0 };
-    let p_max_kw = columns.iter().map(rated_power_kw).fold(0.0, f64::max);
+    let p_max_kw = rated_kw.iter().copied().fold(0.0, f64::max);
     // Per slot: the factor a = z / (2√V₀) on each appliance's P × |effect|, and the bound on the net reduction
     // (the target raised by z√V₀/2, or the rebound cap lowered by it).
     let (scatter, bound_kw): (Vec<f64>, Vec<f64>) = (0..horizon as usize)
@@ -375,7 +392,7 @@ fn solve_lp<S: good_lp::Solver>(
         let profile = col.key.class.profile();
         let weight = profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
         let r_kw = col.reduction_w / 1e3;
-        let p_kw = rated_power_kw(col);
+        let p_kw = rated_kw[j];
         // An appliance's coefficient in slot t: its expected effect, less its scatter allowance.
         let coefficient = |t: u32, effect: f64| r_kw * effect - scatter[t as usize] * p_kw * r_kw * effect.abs();
         for &d in &col.deferral_options_min {

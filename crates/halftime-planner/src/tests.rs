@@ -92,6 +92,27 @@ fn least_burdened_go_first() {
     assert_eq!(used(2), 0);
 }
 
+/// Within a class, burden decides who goes first even where the rebound cap binds and the least burdened
+/// happen to own slightly larger appliances (their scatter allowance is a little larger per kW).
+#[test]
+fn least_burdened_go_first_even_when_their_appliances_are_a_little_larger() {
+    let sized = |burden_band: u8, n: u32, power_w: f64| {
+        let c = cohort(0, ApplianceClass::Fridge, 4, burden_band, n);
+        let scale = power_w / f64::from(ApplianceClass::Fridge.profile().power_w_typical);
+        Cohort { reduction_w_sum: c.reduction_w_sum * scale, reduction_w_net_sum: c.reduction_w_net_sum * scale, ..c }
+    };
+    let cohorts = vec![sized(1, 8_000, 130.0), sized(0, 6_000, 139.0), sized(2, 2_000, 130.0)];
+    let target_kw = [20.0, 40.0, 60.0, 80.0, 80.0, 80.0, 80.0, 80.0, 80.0, 80.0, 70.0, 60.0, 50.0, 30.0, 20.0];
+    let req = PlanRequest { rebound_sigmas: 2.0, delivery_sigmas: 1.5, ..request(&target_kw, cohorts) };
+    let plan = plan(&req).unwrap();
+    assert_within_cohorts(&req, &plan);
+    let used = |i: usize| plan.allocations.iter().filter(|a| a.cohort == i).map(|a| a.n).sum::<u32>();
+    assert!(plan.evaluation.shortfall_w.iter().sum::<f64>() > 0.0, "the rebound cap must bind for this test");
+    assert!(used(1) > 0, "{:?}", plan.allocations);
+    assert!(used(1) == 6_000 || used(0) == 0, "band 1 used ({}) while band 0 had room ({} of 6000)", used(0), used(1));
+    assert_eq!(used(2), 0);
+}
+
 #[test]
 fn empty_supply_is_all_shortfall() {
     let req = request(&[5.0, 5.0], Vec::new());
