@@ -98,3 +98,50 @@ fn every_shipped_scenario_parses_and_its_data_loads() {
     }
     assert!(n >= 7, "{n} scenarios");
 }
+
+/// `scenario run --server`: the runner drives an engine it did not start, served on its own port with a drill
+/// clock (`[clock]`), sets its devices' clock by the engine's, and still reports from what the appliances did.
+/// A runner told the wrong clock speed is refused before it submits anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_small_scenario_runs_against_a_served_engine_on_a_drill_clock() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/small.toml");
+    let speed = 300.0;
+    let mut config =
+        halftime::config::Config::parse(&format!("[clock]\nspeed = {speed}\nstart = \"2026-01-05T18:00:00Z\""))
+            .unwrap();
+    config.fit_to_clock_speed(speed);
+    let data_dir = tempfile::tempdir().unwrap();
+    let served = halftime::start(&config, data_dir.path(), "127.0.0.1:0".parse().unwrap(), config.clock().unwrap())
+        .await
+        .unwrap();
+    let remote = |speed: f64| halftime::scenario::RunOptions {
+        server: Some(served.url()),
+        trust_key: Some(hex::encode(served.engine.public_key())),
+        speed: Some(speed),
+        print_minutes: true,
+        ..Default::default()
+    };
+
+    let mut out = Vec::new();
+    let e = halftime::scenario::run(&path, remote(1.0), &mut out).await.unwrap_err();
+    assert!(format!("{e:#}").contains("--speed"), "{e:#}");
+    assert!(served.engine.list_events(10).is_empty(), "nothing is submitted before the clocks agree");
+
+    let mut out = Vec::new();
+    let report = halftime::scenario::run(&path, remote(speed), &mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains(&format!("engine {}", served.url())), "{text}");
+    assert_eq!(report.violations, 0, "{text}");
+    assert_eq!(report.events.len(), 1, "{text}");
+    assert!(report.events[0].n_appliances > 0, "{text}");
+    // The event ran on the engine's clock: its minutes are the engine's, and the devices shed in them.
+    let window: Vec<_> = report.minutes.iter().filter(|m| m.target_mw > 0.0).collect();
+    assert_eq!(window.len(), 10, "{text}");
+    assert!(window[0].t.starts_with("2026-01-05T18:"), "{}", window[0].t);
+    let shed_minutes = window.iter().filter(|m| m.shed_mw > 0.0).count();
+    assert!(shed_minutes >= 9, "devices shed in {shed_minutes} of 10 minutes\n{text}");
+    for m in &report.minutes {
+        assert!(m.estimated_mw <= m.reported_mw * 1.01 + 1e-6, "{}: estimate above reports\n{text}", m.t);
+    }
+    served.stop().await;
+}

@@ -132,6 +132,8 @@ pub struct SubmitRequest {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Flexibility {
+    /// The engine's clock when this was computed.
+    pub as_of_unix_ms: i64,
     pub deferrable_w: f64,
     pub n_appliances_eligible: u64,
     pub by_class: Vec<(ApplianceClass, f64, u64)>,
@@ -833,6 +835,7 @@ impl Engine {
             e.1 += 1;
         });
         Flexibility {
+            as_of_unix_ms: now,
             deferrable_w: by_class.iter().map(|c| c.0).sum(),
             n_appliances_eligible: by_class.iter().map(|c| c.1).sum(),
             by_class: ApplianceClass::ALL.iter().map(|c| (*c, by_class[c.index()].0, by_class[c.index()].1)).collect(),

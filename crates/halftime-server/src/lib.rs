@@ -171,6 +171,7 @@ impl GridOperator for GridOperatorService {
                     n_appliances_eligible: *n,
                 })
                 .collect(),
+            as_of_unix_ms: f.as_of_unix_ms,
         }))
     }
 

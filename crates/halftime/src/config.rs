@@ -1,13 +1,16 @@
 //! `halftime serve` configuration: a TOML file with every key documented in `deploy/halftime.example.toml`.
 //! Unknown keys are refused; every key has a sensible default.
 
+use halftime_client::clock::{ScaledClock, SystemClock};
 use halftime_core::region::RegionDef;
+use halftime_core::time::Clock;
 use halftime_core::{Limits, RegionSet};
 use halftime_engine::{EngineConfig, Grant};
 use halftime_headend::HeadEndConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -23,6 +26,7 @@ pub struct Config {
     pub engine: EngineSection,
     pub caps: CapsSection,
     pub headend: HeadEndSection,
+    pub clock: ClockSection,
     /// Regions served; the 14 GB distribution network areas if empty.
     pub regions: Vec<RegionDef>,
     /// Operators' bearer tokens; none means no authentication (development only).
@@ -60,6 +64,16 @@ pub struct HeadEndSection {
     pub outstanding_max: usize,
 }
 
+/// The engine's clock: the wall clock, or virtual time for drills and simulations against a served engine.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockSection {
+    /// Virtual minutes per real minute; 1 is real time.
+    pub speed: f64,
+    /// Virtual time at start-up (RFC 3339, UTC); empty is now.
+    pub start: String,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorSection {
@@ -82,6 +96,7 @@ impl Default for Config {
             engine: EngineSection::default(),
             caps: CapsSection::default(),
             headend: HeadEndSection::default(),
+            clock: ClockSection::default(),
             regions: Vec::new(),
             operators: Vec::new(),
         }
@@ -117,6 +132,12 @@ impl Default for CapsSection {
     }
 }
 
+impl Default for ClockSection {
+    fn default() -> Self {
+        Self { speed: 1.0, start: String::new() }
+    }
+}
+
 impl Default for HeadEndSection {
     fn default() -> Self {
         let h = HeadEndConfig::default();
@@ -137,7 +158,34 @@ impl Config {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let c: Config = toml::from_str(text)?;
         c.engine_config()?;
+        c.clock()?;
         Ok(c)
+    }
+
+    /// Timings that run on the engine's clock but stand for real-time work, fitted to a clock `speed` times
+    /// faster than real time: ticks a few virtual seconds apart, and retries seconds apart in real time, as on a
+    /// real network (else an accelerated clock re-sends every unacknowledged command many times a second).
+    pub fn fit_to_clock_speed(&mut self, speed: f64) {
+        if speed > 1.0 {
+            self.engine.tick_interval_ms = ((2_000.0 / speed) as u64).clamp(10, self.engine.tick_interval_ms);
+            self.headend.retry_interval_ms = (self.headend.retry_interval_ms as f64 * speed) as i64;
+        }
+    }
+
+    /// The wall clock, or a virtual one as `[clock]` asks.
+    pub fn clock(&self) -> anyhow::Result<Arc<dyn Clock>> {
+        let c = &self.clock;
+        anyhow::ensure!((1.0..=10_000.0).contains(&c.speed), "clock.speed: must be in 1..=10000");
+        if c.speed == 1.0 && c.start.is_empty() {
+            return Ok(Arc::new(SystemClock));
+        }
+        let start_unix_ms = if c.start.is_empty() {
+            SystemClock.now_unix_ms()
+        } else {
+            halftime_sim::demand::parse_utc(&c.start)
+                .map_err(|_| anyhow::anyhow!("clock.start: must be RFC 3339, e.g. 2018-07-07T14:30:00Z"))?
+        };
+        Ok(Arc::new(ScaledClock::new(start_unix_ms, c.speed)))
     }
 
     pub fn region_set(&self) -> anyhow::Result<RegionSet> {
@@ -270,5 +318,19 @@ mod tests {
         let e = Config::parse("[engine]\nrebound_fraction_max = 2.0").unwrap_err().to_string();
         assert!(e.contains("engine.rebound_fraction_max"), "{e}");
         assert!(Config::parse("").is_ok());
+        let e = Config::parse("[clock]\nspeed = 0.5").unwrap_err().to_string();
+        assert!(e.contains("clock.speed"), "{e}");
+        let e = Config::parse("[clock]\nstart = \"yesterday\"").unwrap_err().to_string();
+        assert!(e.contains("clock.start"), "{e}");
+    }
+
+    #[test]
+    fn a_drill_clock_starts_where_it_is_told_and_runs_fast() {
+        let c = Config::parse("[clock]\nspeed = 60.0\nstart = \"2018-07-07T14:30:00Z\"").unwrap().clock().unwrap();
+        let start = halftime_sim::demand::parse_utc("2018-07-07T14:30:00Z").unwrap();
+        let now = c.now_unix_ms();
+        assert!((start..start + 60_000).contains(&now), "{now}");
+        assert_eq!(c.speed(), 60.0);
+        assert_eq!(Config::default().clock().unwrap().speed(), 1.0);
     }
 }

@@ -3,9 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use halftime::config::Config;
-use halftime_client::clock::SystemClock;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "halftime", version, about = "Demand-response coordination engine")]
@@ -83,10 +81,14 @@ enum ScenarioCommand {
         /// The remote engine's public key, hex (printed by `halftime serve`).
         #[arg(long)]
         trust_key: Option<String>,
+        /// The remote engine's operator bearer token, if it has operators configured.
+        #[arg(long)]
+        token: Option<String>,
         /// Keep the in-process engine's data here.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Virtual minutes per real minute (overrides the scenario).
+        /// Virtual minutes per real minute: overrides the scenario's in process; with `--server`, the served
+        /// engine's clock speed (its `[clock] speed`, 1 by default).
         #[arg(long)]
         speed: Option<f64>,
         /// Write report.md, report.json and the plots (SVG) here.
@@ -109,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
-            let config = match config {
+            let mut config = match config {
                 Some(p) => Config::load(&p)?,
                 None => Config::default(),
             };
@@ -125,7 +127,12 @@ async fn main() -> anyhow::Result<()> {
             if config.operators.is_empty() {
                 tracing::warn!("no operators configured: GridOperator calls are not authenticated");
             }
-            let running = halftime::start(&config, &config.data_dir, config.grpc_addr, Arc::new(SystemClock)).await?;
+            let clock = config.clock().context("clock")?;
+            if clock.speed() != 1.0 {
+                tracing::warn!(speed = clock.speed(), "virtual time: the engine's clock is not the wall clock");
+                config.fit_to_clock_speed(clock.speed());
+            }
+            let running = halftime::start(&config, &config.data_dir, config.grpc_addr, clock).await?;
             println!("halftime serving on {} (data in {})", running.url(), config.data_dir.display());
             println!(
                 "engine signing key id {} public key {}",
@@ -137,12 +144,13 @@ async fn main() -> anyhow::Result<()> {
             running.stop().await;
         }
         Command::Scenario {
-            command: ScenarioCommand::Run { scenario, server, trust_key, data_dir, speed, out, verbose },
+            command: ScenarioCommand::Run { scenario, server, trust_key, token, data_dir, speed, out, verbose },
         } => {
             init_tracing("warn");
             let opts = halftime::scenario::RunOptions {
                 server,
                 trust_key,
+                token,
                 data_dir,
                 speed,
                 out_dir: out,

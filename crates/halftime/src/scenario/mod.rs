@@ -5,15 +5,17 @@
 //! the report (`report.rs`) from what the appliances really did, independently of the engine, and with
 //! `--out` writes it as Markdown, JSON and SVG plots.
 //!
-//! Time is virtual: a scaled clock shared by the engine and the appliances. Between event windows that are
-//! apart (a season of evenings) the clock jumps ahead, so a month runs in minutes.
+//! In process, time is virtual: a scaled clock shared by the engine and the appliances. Between event windows
+//! that are apart (a season of evenings) the clock jumps ahead, so a month runs in minutes. A served engine
+//! (`--server`) keeps its own clock, real or a drill's: the appliances follow it and the events are replayed
+//! from a few minutes after its now.
 
 mod plot;
 pub mod report;
 
 use crate::config::Config;
 use anyhow::Context;
-use halftime_client::clock::{ScaledClock, SystemClock, real_duration};
+use halftime_client::clock::{ScaledClock, real_duration};
 use halftime_client::{DevicePolicy, LinkBuilder, LinkConfig, LinkHandle};
 use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_core::{ApplianceId, Limits};
@@ -32,6 +34,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -39,6 +45,8 @@ pub struct RunOptions {
     pub server: Option<String>,
     /// The engine's public key (hex), required with `server`.
     pub trust_key: Option<String>,
+    /// Bearer token for the served engine's GridOperator API, if it has operators configured.
+    pub token: Option<String>,
     /// Keep the in-process engine's data here instead of a temporary directory.
     pub data_dir: Option<PathBuf>,
     /// Override the scenario's speed.
@@ -157,6 +165,16 @@ impl Baseline {
         })
     }
 
+    /// The same demand, `shift_ms` later.
+    pub fn shifted(self, shift_ms: i64) -> Self {
+        match self {
+            Baseline::Series { samples, share } => {
+                Baseline::Series { samples: samples.into_iter().map(|(t, mw)| (t + shift_ms, mw)).collect(), share }
+            }
+            flat => flat,
+        }
+    }
+
     pub fn mw_at(&self, unix_ms: i64) -> f64 {
         match self {
             Baseline::Series { samples, share } => demand::demand_at(samples, unix_ms) * share,
@@ -191,15 +209,14 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
     let wall = Instant::now();
     let scenario = Scenario::load(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut events = plan_events(&scenario, dir)?;
+    let events = plan_events(&scenario, dir)?;
     anyhow::ensure!(events.len() <= 2_000, "{}: more than 2000 events after repeats", path.display());
     let speed = opts.speed.unwrap_or(scenario.run.speed);
+    // A served engine keeps its own clock: real time unless it runs a drill clock (`[clock]`), whose speed
+    // `--speed` must give.
+    let speed = if opts.server.is_some() { opts.speed.unwrap_or(1.0) } else { speed };
     let mut config = Config::default();
-    // The closed loop ticks in real time: keep it at a few virtual seconds however fast the clock runs.
-    config.engine.tick_interval_ms = ((2_000.0 / speed) as u64).clamp(10, 200);
-    // Retries are timed on the engine's clock; keep them seconds apart in real time, as on a real network, or
-    // the accelerated clock re-sends every unacknowledged command many times a second.
-    config.headend.retry_interval_ms = (config.headend.retry_interval_ms as f64 * speed) as i64;
+    config.fit_to_clock_speed(speed);
     let regions = config.region_set()?;
     let system_caps = config.engine_config()?.system_caps;
     let population = Population::generate(&scenario.population, &regions, scenario.seed).map_err(anyhow::Error::msg)?;
@@ -234,12 +251,10 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
             let key = opts.trust_key.as_deref().context("--trust-key is required with --server")?;
             let mut trusted = TrustedKeys::new();
             trusted.add_hex(key)?;
-            // A remote engine runs in real time: replay the events' shape starting a few minutes from now.
-            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-            let shift = clock.now_unix_ms() + (i64::from(scenario.run.submit_lead_min) + 4) * MS_PER_MIN - first_start;
-            for e in &mut events {
-                e.start_unix_ms += shift;
-            }
+            // A served engine keeps its own time: devices and operator follow its clock, and the events' shape
+            // is replayed from a few minutes after its now.
+            let region = events.first().and_then(|e| e.regions.first()).cloned().unwrap_or_default();
+            let clock = server_clock(&operator_client(server, opts.token.as_deref()).await?, &region, speed).await?;
             (clock, None, server.clone(), trusted)
         }
     };
@@ -258,6 +273,7 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
         r.stop().await;
     }
     let live = result?;
+    let baseline = baseline.shifted(live.shift_ms);
     let mut report = report::build(&report::Inputs {
         scenario: &scenario,
         population: &population,
@@ -280,6 +296,62 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
     Ok(report)
 }
 
+/// The GridOperator API, with the operator's bearer token on every call if there is one.
+pub type Operator = GridOperatorClient<InterceptedService<Channel, BearerToken>>;
+
+#[derive(Clone, Debug)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub async fn operator_client(url: &str, token: Option<&str>) -> anyhow::Result<Operator> {
+    let token = token
+        .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
+        .transpose()
+        .context("--token: must be printable ASCII")?;
+    let channel =
+        Channel::from_shared(url.to_string())?.connect().await.with_context(|| format!("connecting to {url}"))?;
+    Ok(GridOperatorClient::with_interceptor(channel, BearerToken(token)))
+}
+
+/// A clock that follows a served engine's: set from its `as_of_unix_ms` (half the round trip added), running
+/// at `speed`. Checked a second later: an engine whose clock runs at another speed is refused, because the
+/// simulated devices would start their deferrals at the wrong moments.
+async fn server_clock(operator: &Operator, region: &str, speed: f64) -> anyhow::Result<Arc<dyn Clock>> {
+    let engine_now = |mut op: Operator| {
+        let region = region.to_string();
+        async move {
+            let t0 = Instant::now();
+            let r = op
+                .get_flexibility(pb::GetFlexibilityRequest { region, horizon_min: 1, deferral_min_max: 0 })
+                .await
+                .context("reading the engine's clock (GetFlexibility)")?
+                .into_inner();
+            let half_rtt_ms = t0.elapsed().as_secs_f64() * 1e3 / 2.0;
+            anyhow::Ok((r.as_of_unix_ms + (half_rtt_ms * speed) as i64, half_rtt_ms))
+        }
+    };
+    let (now, _) = engine_now(operator.clone()).await?;
+    let clock = Arc::new(ScaledClock::new(now, speed));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (engine, half_rtt_ms) = engine_now(operator.clone()).await?;
+    let drift_ms = (engine - clock.now_unix_ms()).abs() as f64;
+    let tolerance_ms = 500.0 + 4.0 * half_rtt_ms * speed;
+    anyhow::ensure!(
+        drift_ms <= tolerance_ms,
+        "the engine's clock drifted {drift_ms:.0} ms from ours in a second at --speed {speed}: give --speed the \
+         engine's clock speed (its [clock] speed; 1 for real time)"
+    );
+    Ok(clock)
+}
+
 /// Peak resident memory of this process, MB (Linux; 0 elsewhere).
 pub fn peak_rss_mb() -> f64 {
     crate::bench::rss_bytes("VmHWM:") as f64 / (1024.0 * 1024.0)
@@ -295,6 +367,8 @@ struct Sim<'a> {
 
 /// What the run observed live, for the report.
 struct Live {
+    /// How far the events were moved in time to replay them on a served engine's clock (0 in process).
+    shift_ms: i64,
     log: Arc<SimLog>,
     limits_of: HashMap<u64, Limits>,
     windows: Vec<(i64, i64)>,
@@ -325,7 +399,16 @@ async fn drive(
     let override_task =
         spawn_overrides(override_rx, Arc::clone(&links), gateway_of, Arc::clone(clock), &overrides_sent);
 
-    let windows = windows(sim.events, scenario.run.submit_lead_min, scenario.run.tail_min);
+    // A served engine keeps its own time: once set up, replay the events' shape from a few minutes after its now.
+    let shift_ms = match (virtual_clock, sim.events.first()) {
+        (None, Some(first)) => {
+            clock.now_unix_ms() + (i64::from(scenario.run.submit_lead_min) + 4) * MS_PER_MIN - first.start_unix_ms
+        }
+        _ => 0,
+    };
+    let events: Vec<PlannedEvent> =
+        sim.events.iter().map(|e| PlannedEvent { start_unix_ms: e.start_unix_ms + shift_ms, ..e.clone() }).collect();
+    let windows = windows(&events, scenario.run.submit_lead_min, scenario.run.tail_min);
     let n_minutes: u64 = windows.iter().map(|(a, b)| ((b - a) / MS_PER_MIN) as u64).sum();
     let bar = if opts.progress { ProgressBar::new(n_minutes) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -335,9 +418,9 @@ async fn drive(
     );
     let progress: Arc<Mutex<HashMap<u64, pb::EventProgress>>> = Arc::default();
     let acks: Arc<Mutex<HashMap<u64, AckTimes>>> = Arc::default();
-    let mut operator = GridOperatorClient::connect(sim.url.to_string()).await?;
+    let mut operator = operator_client(sim.url, opts.token.as_deref()).await?;
     let mut runs: Vec<EventRun> = Vec::new();
-    let mut pending: Vec<(usize, &PlannedEvent)> = sim.events.iter().enumerate().rev().collect();
+    let mut pending: Vec<(usize, &PlannedEvent)> = events.iter().enumerate().rev().collect();
     let (mut estimated_mw, mut applied_mw) = (Vec::new(), Vec::new());
     if opts.print_minutes {
         writeln!(
@@ -402,6 +485,7 @@ async fn drive(
         }
     }
     Ok(Live {
+        shift_ms,
         log,
         limits_of,
         windows,
@@ -532,7 +616,7 @@ fn spawn_overrides(
 /// Submits one event as an operator would, and watches it: progress for the live rows, and the real time
 /// from submission to the first, half and 99 % of its devices acknowledging.
 async fn submit(
-    operator: &mut GridOperatorClient<tonic::transport::Channel>,
+    operator: &mut Operator,
     scenario: &Scenario,
     i: usize,
     e: &PlannedEvent,
