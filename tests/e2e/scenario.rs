@@ -2,17 +2,14 @@
 //! invariants: no limit violations, the engine never claims more than the appliances reported, the appliances
 //! never shed more than they draw, and the files an operator looks at are written.
 
+use halftime::scenario::RunOptions;
 use std::path::PathBuf;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_small_scenario_runs_to_completion_and_its_report_holds_the_invariants() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/small.toml");
     let out_dir = tempfile::tempdir().unwrap();
-    let opts = halftime::scenario::RunOptions {
-        out_dir: Some(out_dir.path().to_path_buf()),
-        print_minutes: true,
-        ..Default::default()
-    };
+    let opts = RunOptions { out_dir: Some(out_dir.path().to_path_buf()), print_minutes: true, ..Default::default() };
     let mut out = Vec::new();
     let report = halftime::scenario::run(&path, opts, &mut out).await.unwrap();
     let text = String::from_utf8(out).unwrap();
@@ -101,22 +98,25 @@ fn every_shipped_scenario_parses_and_its_data_loads() {
 
 /// `scenario run --server`: the runner drives an engine it did not start, served on its own port with a drill
 /// clock (`[clock]`), sets its devices' clock by the engine's, and still reports from what the appliances did.
-/// A runner told the wrong clock speed is refused before it submits anything.
+/// A runner told the wrong clock speed, or without the operator's token, is refused before it submits anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_small_scenario_runs_against_a_served_engine_on_a_drill_clock() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/small.toml");
     let speed = 300.0;
-    let mut config =
-        halftime::config::Config::parse(&format!("[clock]\nspeed = {speed}\nstart = \"2026-01-05T18:00:00Z\""))
-            .unwrap();
+    let mut config = halftime::config::Config::parse(&format!(
+        "[clock]\nspeed = {speed}\nstart = \"2026-01-05T18:00:00Z\"\n\
+         [[operators]]\nname = \"drill\"\ntoken = \"drill-token-0000000000\"\ntarget_mw_max = 10.0"
+    ))
+    .unwrap();
     config.fit_to_clock_speed(speed);
     let data_dir = tempfile::tempdir().unwrap();
     let served = halftime::start(&config, data_dir.path(), "127.0.0.1:0".parse().unwrap(), config.clock().unwrap())
         .await
         .unwrap();
-    let remote = |speed: f64| halftime::scenario::RunOptions {
+    let remote = |speed: f64| RunOptions {
         server: Some(served.url()),
         trust_key: Some(hex::encode(served.engine.public_key())),
+        token: Some("drill-token-0000000000".into()),
         speed: Some(speed),
         print_minutes: true,
         ..Default::default()
@@ -125,6 +125,8 @@ async fn the_small_scenario_runs_against_a_served_engine_on_a_drill_clock() {
     let mut out = Vec::new();
     let e = halftime::scenario::run(&path, remote(1.0), &mut out).await.unwrap_err();
     assert!(format!("{e:#}").contains("--speed"), "{e:#}");
+    let e = halftime::scenario::run(&path, RunOptions { token: None, ..remote(speed) }, &mut out).await.unwrap_err();
+    assert!(format!("{e:#}").contains("authorization"), "{e:#}");
     assert!(served.engine.list_events(10).is_empty(), "nothing is submitted before the clocks agree");
 
     let mut out = Vec::new();

@@ -167,7 +167,7 @@ impl Config {
     /// real network (else an accelerated clock re-sends every unacknowledged command many times a second).
     pub fn fit_to_clock_speed(&mut self, speed: f64) {
         if speed > 1.0 {
-            self.engine.tick_interval_ms = ((2_000.0 / speed) as u64).clamp(10, self.engine.tick_interval_ms);
+            self.engine.tick_interval_ms = ((2_000.0 / speed) as u64).clamp(10, self.engine.tick_interval_ms.max(10));
             self.headend.retry_interval_ms = (self.headend.retry_interval_ms as f64 * speed) as i64;
         }
     }
