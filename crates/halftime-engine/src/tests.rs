@@ -316,8 +316,8 @@ fn picking_rotates_through_every_household_across_fairness_windows() {
     });
 }
 
-/// Over a season of evening events, picking spreads the planned minutes evenly over households enrolled alike
-/// (Jain ≥ 0.98 among fridge-only households), with chargers, freezers and heaters competing beside them.
+/// Over a season of evening events, picking spreads the planned burden (kW·min) evenly over households enrolled
+/// alike (Jain ≥ 0.98 among fridge-only households), with chargers, freezers and heaters competing beside them.
 #[test]
 fn a_season_of_events_spreads_burden_evenly() {
     let dir = tempfile::tempdir().unwrap();
