@@ -104,6 +104,15 @@ pub fn override_chance(rate: f64, minutes: f64) -> f64 {
     (rate * minutes / 20.0).clamp(0.0, 0.95)
 }
 
+/// How often households really override, as a rate per 20-minute deferral (what [`override_chance`] takes):
+/// `n_overridden` overrides over `exposure` (deferral lengths in units of 20 minutes), with the rate they
+/// declared at enrolment as the prior, worth `prior_exposure`. Households deferred often override more than
+/// they declared, and plans that counted on the declared rate fell short.
+pub fn observed_override_rate(declared_rate: f64, n_overridden: u64, exposure: f64, prior_exposure: f64) -> f64 {
+    let prior = prior_exposure.max(1e-9);
+    ((n_overridden as f64 + prior * declared_rate) / (exposure.max(0.0) + prior)).clamp(0.0, 1.0)
+}
+
 pub fn expected_response(class: ApplianceClass, deferral_min: u32) -> Response {
     let end_s = i64::from(deferral_min.max(1)) * 60;
     let mut r = Response { shed: vec![0.0; (end_s / 60) as usize], payback: Vec::new() };
@@ -191,6 +200,15 @@ fn add_released_at(class: ApplianceClass, release_s: i64, end_s: i64, weight: f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_observed_override_rate_starts_at_the_declared_one_and_follows_what_households_do() {
+        assert_eq!(observed_override_rate(0.1, 0, 0.0, 5.0), 0.1);
+        // Twenty 20-minute deferrals, five overridden, against a prior worth five: from 10 % most of the way to 25 %.
+        assert!((observed_override_rate(0.1, 5, 20.0, 5.0) - 0.22).abs() < 1e-9);
+        assert!(observed_override_rate(0.1, 0, 45.0, 5.0) < 0.011);
+        assert!(observed_override_rate(0.1, 1_000, 1.0, 5.0) <= 1.0);
+    }
 
     #[test]
     fn expected_response_conserves_energy_and_sheds_the_expected_reduction() {

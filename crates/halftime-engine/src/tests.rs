@@ -372,3 +372,37 @@ fn a_season_of_events_spreads_burden_evenly() {
         assert!(sum > 0.0 && jain >= 0.98, "Jain {jain:.3} over {} fridge households", v.len());
     });
 }
+
+/// The planner counts on overrides as households really make them: pooled per class from the ledger's record,
+/// starting from the declared rate, the same for every household of the class.
+#[test]
+fn override_rates_are_learned_per_class_from_the_record() {
+    let p = ApplianceClass::Fridge.profile();
+    let appliance = |i: u64, class: ApplianceClass| Appliance {
+        id: ApplianceId(i),
+        household: HouseholdId(i),
+        region: RegionId(0),
+        class,
+        rated_power_w: 135,
+        duty_cycle_permille: p.duty_cycle_permille as u16,
+        deferral_min_max: p.deferral_min_max_safe as u16,
+        override_rate_permille: 100,
+    };
+    let standing = |n_overridden: u32, override_exposure: f64| halftime_ledger::Standing {
+        budget_min: 30,
+        burden_kw_min: 0.0,
+        last_deferred_unix_ms: i64::MIN,
+        n_overridden,
+        override_exposure,
+    };
+    // 200 fridge households with 2 overrides in 10 twenty-minute deferrals each (20 % against the declared 10 %);
+    // freezers with no record yet.
+    let mut eligible: Vec<(Appliance, u8, halftime_ledger::Standing)> =
+        (1..=200).map(|i| (appliance(i, ApplianceClass::Fridge), 4, standing(2, 10.0))).collect();
+    eligible.extend((201..=300).map(|i| (appliance(i, ApplianceClass::Freezer), 4, standing(0, 0.0))));
+    let factor = dispatch::override_factor_by_class(&eligible);
+    let fridge = factor[ApplianceClass::Fridge.index()];
+    assert!((1.9..2.0).contains(&fridge), "fridges override about twice as often as declared: {fridge}");
+    assert_eq!(factor[ApplianceClass::Freezer.index()], 1.0);
+    assert_eq!(factor[ApplianceClass::EvCharger.index()], 1.0);
+}

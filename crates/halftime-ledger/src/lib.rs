@@ -60,6 +60,11 @@ pub struct Standing {
     /// same burden in the fairness window, the least recently deferred go first, so picking rotates through
     /// everyone instead of returning to the same ones once their burden leaves the window.
     pub last_deferred_unix_ms: i64,
+    /// Deferrals on record the household overrode, and the exposure they had: each ended deferral's length in
+    /// units of 20 minutes (an overridden one counts twice what it ran, as overrides come halfway through on
+    /// average). The planner pools these per class to learn how often households really override.
+    pub n_overridden: u32,
+    pub override_exposure: f64,
 }
 
 #[derive(Debug)]
@@ -257,7 +262,25 @@ impl Ledger {
             .map(|e| e.reservation.not_before_unix_ms)
             .max()
             .unwrap_or(i64::MIN);
-        Some(Standing { budget_min, burden_kw_min: self.burden_of(&book, now_unix_ms), last_deferred_unix_ms })
+        let (mut n_overridden, mut override_exposure) = (0u32, 0.0f64);
+        for e in &book.entries {
+            let ran_s = f64::from(e.reservation.deferral_s);
+            match e.status {
+                DeviceStatus::Completed => override_exposure += ran_s / 1200.0,
+                DeviceStatus::Overridden => {
+                    n_overridden += 1;
+                    override_exposure += 2.0 * ran_s / 1200.0;
+                }
+                _ => {}
+            }
+        }
+        Some(Standing {
+            budget_min,
+            burden_kw_min: self.burden_of(&book, now_unix_ms),
+            last_deferred_unix_ms,
+            n_overridden,
+            override_exposure,
+        })
     }
 
     /// Every reservation, for invariant checks in tests and simulations.

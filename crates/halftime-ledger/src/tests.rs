@@ -111,6 +111,13 @@ fn override_charges_only_what_was_given_and_frees_the_rest() {
     assert_eq!(shortened.deferral_s, 300);
     ledger.try_reserve(r(2, 30, 10), 60, DAY0_MS).unwrap();
     assert!((ledger.burden_kw_min(h, DAY0_MS) - (0.1 * 5.0 + 0.1 * 10.0)).abs() < 1e-6);
+    // What the household did is on record for the planner: one override after 5 minutes (exposure twice that),
+    // and a deferral still running, which counts for nothing yet; then completed, 10 minutes.
+    let s = ledger.standing(h, EventId(3), DAY0_MS + MS_PER_DAY, DAY0_MS + MS_PER_DAY).unwrap();
+    assert_eq!((s.n_overridden, s.override_exposure), (1, 10.0 / 20.0));
+    ledger.set_status(h, EventId(2), ApplianceId(2), DeviceStatus::Completed);
+    let s = ledger.standing(h, EventId(3), DAY0_MS + MS_PER_DAY, DAY0_MS + MS_PER_DAY).unwrap();
+    assert_eq!((s.n_overridden, s.override_exposure), (1, 20.0 / 20.0));
 }
 
 #[test]
