@@ -816,24 +816,33 @@ impl Engine {
     /// Expected reduction that could be held over `horizon_min` in a region, within every household's limits.
     pub fn flexibility(&self, region: RegionId, horizon_min: u32, deferral_min_max: u32) -> Flexibility {
         let now = self.now_unix_ms();
-        let mut by_class = [(0.0f64, 0u64); halftime_core::appliance::N_CLASSES];
         let mut standing = std::collections::HashMap::new();
         let probe = EventId(0);
+        // Eligible appliances with their budgets, then per class at the rate households really override, as
+        // plans count on it.
+        let mut eligible: Vec<(Appliance, u8, halftime_ledger::Standing)> = Vec::new();
+        let mut budgets: Vec<u32> = Vec::new();
         self.inner.registry.for_each_in(&[region], |a| {
             let s = *standing
                 .entry(a.household)
                 .or_insert_with(|| self.inner.ledger.standing(a.household, probe, now, now));
             let Some(s) = s else { return };
             let budget = s.budget_min.min(u32::from(a.deferral_min_max)).min(deferral_min_max);
-            if budget < halftime_planner::DEFERRAL_MIN_MIN {
-                return;
+            if budget >= halftime_planner::DEFERRAL_MIN_MIN {
+                eligible.push((*a, 0, s));
+                budgets.push(budget);
             }
+        });
+        let override_factor = dispatch::override_factor_by_class(&eligible);
+        let mut by_class = [(0.0f64, 0u64); halftime_core::appliance::N_CLASSES];
+        for ((a, _, _), budget) in eligible.iter().zip(budgets) {
             // Staggered, each appliance can hold its share for budget / horizon of the time.
             let share = (f64::from(budget) / f64::from(horizon_min.max(1))).min(1.0);
+            let override_rate = (a.override_rate() * override_factor[a.class.index()]).min(1.0);
             let e = &mut by_class[a.class.index()];
-            e.0 += a.expected_reduction_w() * (1.0 - a.override_rate()) * share;
+            e.0 += a.expected_reduction_w() * (1.0 - override_rate) * share;
             e.1 += 1;
-        });
+        }
         Flexibility {
             as_of_unix_ms: now,
             deferrable_w: by_class.iter().map(|c| c.0).sum(),

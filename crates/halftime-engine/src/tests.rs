@@ -406,3 +406,46 @@ fn override_rates_are_learned_per_class_from_the_record() {
     assert_eq!(factor[ApplianceClass::Freezer.index()], 1.0);
     assert_eq!(factor[ApplianceClass::EvCharger.index()], 1.0);
 }
+
+/// GetFlexibility counts on overrides as plans do: after households of a class overrode, the region's
+/// flexibility is lower the next day (budgets are whole again, so only the learned rate differs).
+#[test]
+fn flexibility_counts_on_overrides_as_households_make_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    runtime().block_on(async {
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        let region = engine.regions().lookup("_C").unwrap();
+        let p = ApplianceClass::Fridge.profile();
+        let appliances: Vec<Appliance> = (1..=200u64)
+            .map(|i| Appliance {
+                id: ApplianceId(10_000 + i),
+                household: HouseholdId(i),
+                region,
+                class: ApplianceClass::Fridge,
+                rated_power_w: 135,
+                duty_cycle_permille: p.duty_cycle_permille as u16,
+                deferral_min_max: p.deferral_min_max_safe as u16,
+                override_rate_permille: 100,
+            })
+            .collect();
+        engine.enrol(appliances).await.unwrap();
+        let before = engine.flexibility(region, 30, 30).deferrable_w;
+        let start = T0 + 60_000;
+        engine
+            .submit(submit_request("day-0", &["_C"], start, vec![4.0; 15], 30), &Grant::unrestricted())
+            .await
+            .unwrap();
+        clock.0.store(start + 5 * MS_PER_MIN, Ordering::SeqCst);
+        let mut n_overridden = 0;
+        for h in 1..=200 {
+            n_overridden += engine.override_now(HouseholdId(h), None).await.unwrap();
+        }
+        assert!(n_overridden >= 20, "{n_overridden} overrides");
+        clock.0.store(T0 + MS_PER_DAY, Ordering::SeqCst);
+        let after = engine.flexibility(region, 30, 30).deferrable_w;
+        // Every deferral on record was overridden within minutes: the class's rate rises well above the declared
+        // 10 %, and every fridge's expected reduction net of overrides with it.
+        assert!(after < before * 0.8, "flexibility {before} W before, {after} W after {n_overridden} overrides");
+    });
+}
