@@ -373,21 +373,26 @@ fn a_season_of_events_spreads_burden_evenly() {
     });
 }
 
-/// The planner counts on overrides as households really make them: pooled per class from the ledger's record,
-/// starting from the declared rate, the same for every household of the class.
-#[test]
-fn override_rates_are_learned_per_class_from_the_record() {
+/// Household `i`'s one appliance: a 135 W fridge with its class's profile, declaring a 10 % override rate.
+fn one_per_household(i: u64, region: RegionId) -> Appliance {
     let p = ApplianceClass::Fridge.profile();
-    let appliance = |i: u64, class: ApplianceClass| Appliance {
-        id: ApplianceId(i),
+    Appliance {
+        id: ApplianceId(10_000 + i),
         household: HouseholdId(i),
-        region: RegionId(0),
-        class,
+        region,
+        class: ApplianceClass::Fridge,
         rated_power_w: 135,
         duty_cycle_permille: p.duty_cycle_permille as u16,
         deferral_min_max: p.deferral_min_max_safe as u16,
         override_rate_permille: 100,
-    };
+    }
+}
+
+/// The planner counts on overrides as households really make them: pooled per class from the ledger's record,
+/// starting from the declared rate, the same for every household of the class.
+#[test]
+fn override_rates_are_learned_per_class_from_the_record() {
+    let appliance = |i: u64, class: ApplianceClass| Appliance { class, ..one_per_household(i, RegionId(0)) };
     let standing = |n_overridden: u32, override_exposure: f64| halftime_ledger::Standing {
         budget_min: 30,
         burden_kw_min: 0.0,
@@ -416,19 +421,7 @@ fn flexibility_counts_on_overrides_as_households_make_them() {
     runtime().block_on(async {
         let engine = open(dir.path(), Arc::clone(&clock)).await;
         let region = engine.regions().lookup("_C").unwrap();
-        let p = ApplianceClass::Fridge.profile();
-        let appliances: Vec<Appliance> = (1..=200u64)
-            .map(|i| Appliance {
-                id: ApplianceId(10_000 + i),
-                household: HouseholdId(i),
-                region,
-                class: ApplianceClass::Fridge,
-                rated_power_w: 135,
-                duty_cycle_permille: p.duty_cycle_permille as u16,
-                deferral_min_max: p.deferral_min_max_safe as u16,
-                override_rate_permille: 100,
-            })
-            .collect();
+        let appliances: Vec<Appliance> = (1..=200u64).map(|i| one_per_household(i, region)).collect();
         engine.enrol(appliances).await.unwrap();
         let before = engine.flexibility(region, 30, 30).deferrable_w;
         let start = T0 + 60_000;
