@@ -38,6 +38,8 @@ pub const N_COHORTS_MAX: usize = 100_000;
 /// Slots after the last possible start over which the rebound cap is enforced. Payback that spreads further
 /// (EV sessions) is thin and still shows in the evaluation.
 pub const REBOUND_HORIZON_TAIL_SLOTS: u32 = 90;
+/// Longest prior rebound a request may carry: a day of slots (EV payback runs for hours, not days).
+pub const PRIOR_REBOUND_SLOTS_MAX: usize = 24 * 60;
 /// Penalty per kW-slot of shortfall: far above the cost of any deferral, so the target is met when it can be.
 const SHORTFALL_PENALTY_PER_KW_SLOT: f64 = 1e4;
 
@@ -48,6 +50,12 @@ pub struct PlanRequest {
     pub cohorts: Vec<Cohort>,
     /// Rebound in any slot may not exceed this fraction of the peak target.
     pub rebound_fraction_max: f64,
+    /// The peak target the rebound cap is a fraction of, W; `None` for the peak of `target_w`. A later dispatch
+    /// of an event (an update, a top-up) plans a residual, but under the event's cap.
+    pub rebound_reference_w: Option<f64>,
+    /// Rebound already expected from the event's earlier dispatches, W per slot from this request's slot 0:
+    /// after the target slots, this plan's rebound shares the cap with it.
+    pub prior_rebound_w: Vec<f64>,
     /// Plan the expected rebound low enough that this many standard deviations of the scatter among individual
     /// appliances still fit under the cap (0 plans to the cap itself). See [`solve_lp`].
     pub rebound_sigmas: f64,
@@ -333,8 +341,8 @@ fn solve_lp<S: good_lp::Solver>(
     let n_start_slots = n_slots + tail_starts;
     let start_step = (n_start_slots as usize).div_ceil(N_START_SLOTS_MAX).max(1);
     let horizon = n_start_slots + REBOUND_HORIZON_TAIL_SLOTS;
-    let peak_target_kw = req.target_w.iter().copied().fold(0.0, f64::max) / 1e3;
-    let rebound_cap_kw = req.rebound_fraction_max * peak_target_kw;
+    let peak_target_w = req.rebound_reference_w.unwrap_or_else(|| req.target_w.iter().copied().fold(0.0, f64::max));
+    let rebound_cap_kw = req.rebound_fraction_max * peak_target_w / 1e3;
 
     // Allowances for the scatter among individual appliances, in delivery (target slots) and in rebound (after
     // them). Each appliance's draw in a minute lies between 0 and its rated power P, so the variance of what a
@@ -369,12 +377,15 @@ fn solve_lp<S: good_lp::Solver>(
                 (z / (2.0 * sqrt_v0), target_kw + z * sqrt_v0 / 2.0)
             }
             None => {
+                // What the event's earlier dispatches left of the cap in this slot.
+                let prior_kw = req.prior_rebound_w.get(t).copied().unwrap_or(0.0) / 1e3;
+                let headroom_kw = (rebound_cap_kw - prior_kw).max(0.0);
                 let z = req.rebound_sigmas;
                 if z <= 0.0 || rebound_cap_kw <= 0.0 || p_mean_kw <= 0.0 {
-                    return (0.0, -rebound_cap_kw);
+                    return (0.0, -headroom_kw);
                 }
                 let sqrt_v0 = (p_mean_kw * rebound_cap_kw).max((z * p_max_kw).powi(2)).sqrt();
-                (z / (2.0 * sqrt_v0), -rebound_cap_kw + (z * sqrt_v0 / 2.0).min(rebound_cap_kw / 2.0))
+                (z / (2.0 * sqrt_v0), -headroom_kw + (z * sqrt_v0 / 2.0).min(headroom_kw / 2.0))
             }
         })
         .unzip();
@@ -471,6 +482,14 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     }
     if !(0.0..=1.0).contains(&req.rebound_fraction_max) {
         return Err(PlanError::Invalid("rebound fraction must be in 0..=1"));
+    }
+    if req.rebound_reference_w.is_some_and(|w| !w.is_finite() || w < 0.0) {
+        return Err(PlanError::Invalid("rebound reference must be finite and >= 0"));
+    }
+    if req.prior_rebound_w.len() > PRIOR_REBOUND_SLOTS_MAX
+        || req.prior_rebound_w.iter().any(|w| !w.is_finite() || *w < 0.0)
+    {
+        return Err(PlanError::Invalid("prior rebound must be finite, >= 0 and at most a day of slots"));
     }
     if req.cohorts.iter().any(|c| !c.reduction_w_sum.is_finite() || !c.reduction_w_net_sum.is_finite()) {
         return Err(PlanError::Invalid("cohort reductions must be finite"));

@@ -19,6 +19,8 @@ fn request(target_kw: &[f64], cohorts: Vec<Cohort>) -> PlanRequest {
         target_w: target_kw.iter().map(|k| k * 1e3).collect(),
         cohorts,
         rebound_fraction_max: 0.1,
+        rebound_reference_w: None,
+        prior_rebound_w: Vec::new(),
         rebound_sigmas: 0.0,
         delivery_sigmas: 0.0,
         deferral_min_max: 30,
@@ -245,4 +247,45 @@ fn rounding_drops_slivers_and_rounds_the_rest_up() {
     assert_eq!(n_of(&one_each, &[0.49, 1.04, 250.0]), vec![0, 1, 100]);
     // Slivers in a column that is used: each rounds up.
     assert_eq!(n_of(&[(0, 0, 10), (0, 1, 10), (1, 0, 10)], &[0.3, 0.3, 0.2]), vec![2, 0, 0]);
+}
+
+#[test]
+fn a_residual_plan_shares_the_events_rebound_cap_with_what_was_planned_before() {
+    let mut cohorts = Vec::new();
+    for class in
+        [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater, ApplianceClass::EvCharger]
+    {
+        for burden_band in 0..3 {
+            cohorts.push(cohort(0, class, 6, burden_band, 2_000));
+        }
+    }
+    let target_kw = [200.0, 400.0, 600.0, 600.0, 600.0, 600.0, 600.0, 600.0, 400.0, 200.0];
+    let first_plan = plan(&request(&target_kw, cohorts.clone())).unwrap();
+    let prior_w = first_plan.evaluation.rebound_w.clone();
+    // The operator raises the first minutes to the plateau: the peak, and so the cap, stay where they were.
+    // (The counts of the second plan's cohorts hardly matter here: 2,000 each is plenty.)
+    let residual_kw = [400.0, 200.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let cap_w = 0.1 * 600e3;
+    let shared = PlanRequest {
+        rebound_reference_w: Some(600e3),
+        prior_rebound_w: prior_w.clone(),
+        ..request(&residual_kw, cohorts.clone())
+    };
+    let alone = request(&residual_kw, cohorts);
+    // The worst rebound of both plans together, and how much of its target the residual plan delivers.
+    let together = |req: &PlanRequest| {
+        let p = plan(req).unwrap();
+        let delivered = p.evaluation.expected_w.iter().sum::<f64>() / req.target_w.iter().sum::<f64>();
+        let n = prior_w.len().max(p.evaluation.rebound_w.len());
+        let worst_w = (residual_kw.len()..n)
+            .map(|t| prior_w.get(t).unwrap_or(&0.0) + p.evaluation.rebound_w.get(t).unwrap_or(&0.0))
+            .fold(0.0, f64::max);
+        (worst_w, delivered)
+    };
+    let (shared_w, shared_delivered) = together(&shared);
+    assert!(shared_w <= cap_w * 1.05 + 5e3, "rebound with the earlier plan's {shared_w} W > cap {cap_w} W");
+    assert!(shared_delivered > 0.95, "the residual plan delivered {shared_delivered} of its target");
+    // Planned on its own, the residual takes a cap of its own peak on top of the earlier plan's rebound.
+    let (alone_w, _) = together(&alone);
+    assert!(alone_w > cap_w * 1.05 + 5e3, "alone {alone_w} W, shared {shared_w} W");
 }

@@ -436,6 +436,8 @@ mod plan_tests {
             target_w: TARGET_MW.iter().map(|mw| mw * 1e6).collect(),
             cohorts,
             rebound_fraction_max: 0.1,
+            rebound_reference_w: None,
+            prior_rebound_w: Vec::new(),
             rebound_sigmas: 2.0,
             delivery_sigmas: 1.5,
             deferral_min_max: 30,
