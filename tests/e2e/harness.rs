@@ -187,8 +187,12 @@ pub struct World {
 
 impl World {
     pub async fn new(n_households: u64) -> Self {
+        Self::on_clock(n_households, clock()).await
+    }
+
+    /// The same on a clock the test controls.
+    pub async fn on_clock(n_households: u64, clock: Arc<dyn Clock>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let clock = clock();
         let running = start(dir.path(), clock.clone()).await;
         let url = running.url();
         let devices = enrol(&url, n_households).await.iter().map(|a| (a.appliance_id, a.rated_power_w)).collect();

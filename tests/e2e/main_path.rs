@@ -1,9 +1,12 @@
 //! The main path: submit, plan, sign, deliver, verify, apply, acknowledge, watch; overrides; rejections.
 
 use crate::harness::*;
+use halftime_client::clock::{ScaledClock, SystemClock};
 use halftime_client::{DevicePolicy, ResumeReason};
+use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_engine::add_interval;
 use halftime_proto::pb;
+use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_receive_verify_apply_and_watch_reports_what_they_shed() {
@@ -224,6 +227,47 @@ async fn update_supersedes_the_target_and_cancel_releases_in_staggered_steps() {
         assert!(spread >= 60_000, "releases were not staggered: {ends:?}");
     }
     assert!(spread <= 3 * 60_000 + 10_000, "releases took longer than asked: {ends:?}");
+    link.shutdown().await;
+    world.running.stop().await;
+}
+
+/// A device that sleeps through its deferral's window (suspended, or its clock jumps) does not start it late:
+/// it reports the command expired, and the household is not charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_sleeps_through_its_window_does_not_start_late() {
+    let clock = Arc::new(ScaledClock::new(SystemClock.now_unix_ms(), SPEED));
+    let world = World::on_clock(10, clock.clone()).await;
+    let link = world.gateway(&world.devices, DevicePolicy::default(), None).await;
+    let mut op = operator(&world.url).await;
+    let start = clock.now_unix_ms() + 5 * MS_PER_MIN;
+    let request = pb::SubmitStressEventRequest { start_unix_ms: start, ..submit("asleep", vec![2.0; 5], 10) };
+    let r = op.submit_stress_event(request).await.unwrap().into_inner();
+    let n = r.plan.unwrap().n_appliances;
+    assert!(n > 0);
+    let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    watch_until(&mut watch, "every command to be acknowledged", |p| p.acknowledged == n).await;
+    // Every window is over before any device's start timer fires.
+    clock.advance_to(start + 60 * MS_PER_MIN);
+    // The event closes at once (its stream ends): the devices' reports still reach it.
+    let event = halftime_core::EventId(r.event_id);
+    let mut last = world.running.engine.progress(event).unwrap();
+    for _ in 0..500 {
+        if last.counts.rejected + last.counts.started >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        last = world.running.engine.progress(event).unwrap();
+    }
+    assert_eq!((last.counts.rejected, last.counts.started), (n, 0));
+    assert!(world.done().is_empty(), "deferred late: {:?}", world.done());
+    let some = world.devices[0].0 / 10;
+    let h = household(&world.url)
+        .await
+        .get_history(pb::GetHistoryRequest { household_id: some, limit: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.burden_kw_min, 0.0);
     link.shutdown().await;
     world.running.stop().await;
 }

@@ -418,6 +418,18 @@ impl Runtime {
             };
             let deferral = deferral_of(active);
             match t.kind {
+                // The device slept through the window (suspended, or its clock jumped): too late to defer.
+                TimerKind::Start if now >= deferral.end_unix_ms => {
+                    d.guard.clear_active();
+                    self.outbox.report(
+                        t.device,
+                        active.event,
+                        active.counter,
+                        DeviceStatus::Rejected,
+                        Some(RejectReason::Expired),
+                        0,
+                    );
+                }
                 TimerKind::Start => match d.appliance.defer(&deferral) {
                     Ok(reduction_w) => {
                         d.running = Some(reduction_w);

@@ -186,7 +186,8 @@ impl SimAppliance {
 impl Appliance for SimAppliance {
     fn defer(&self, d: &Deferral) -> Result<u32, String> {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let start_unix_ms = self.clock.now_unix_ms().max(d.start_unix_ms);
+        // Never past the window's end, whenever the SDK calls (it does not call once the window is over).
+        let start_unix_ms = self.clock.now_unix_ms().max(d.start_unix_ms).min(d.end_unix_ms);
         let physics = draw_physics(self.class, self.duty, &mut *rng);
         let len_s = (d.end_unix_ms - start_unix_ms) / 1000;
         let reduction_w = physics.expected_shed_w(self.power_w, len_s);
@@ -221,7 +222,7 @@ impl Appliance for SimAppliance {
         let mut log = self.log.applied.lock().unwrap_or_else(|e| e.into_inner());
         let index = log.latest.get(&(self.device, d.event)).copied();
         if let Some(a) = index.and_then(|i| log.entries.get_mut(i)) {
-            a.end_unix_ms = now.clamp(a.start_unix_ms, a.planned_end_unix_ms);
+            a.end_unix_ms = now.min(a.planned_end_unix_ms).max(a.start_unix_ms);
             a.overridden = why == ResumeReason::Overridden;
         }
     }
