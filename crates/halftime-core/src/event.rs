@@ -60,6 +60,9 @@ pub struct PlanSummary {
     pub plan_ready_us: u64,
     /// From the submit request's arrival to every command signed, durable and queued, µs.
     pub queued_us: u64,
+    /// What the devices that have started reported shedding, as a share of what the plan expected of them. 0
+    /// until the first have started.
+    pub realised_ratio: f64,
 }
 
 /// How many of an event's devices reached each stage.

@@ -37,6 +37,12 @@ pub struct DispatchInput<'a> {
     pub now_unix_ms: i64,
     /// Appliances that already have a deferral in this event (an update adds others, never these).
     pub already_deferred: &'a HashSet<ApplianceId>,
+    /// The event's peak target, W: the rebound cap is a fraction of it, whatever part of the event this plans.
+    pub peak_target_w: f64,
+    /// Rebound the event's earlier dispatches are expected to cause, W per slot from `start_unix_ms` on.
+    pub prior_rebound_w: &'a [f64],
+    /// Only appliances of these classes, if given (a top-up draws on the classes the event already uses).
+    pub classes: Option<[bool; N_CLASSES]>,
 }
 
 struct Member {
@@ -52,7 +58,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     let mut standing: HashMap<HouseholdId, Option<Standing>> = HashMap::new();
     let mut eligible: Vec<(Appliance, u8, Standing)> = Vec::new();
     inner.registry.for_each_in(input.regions, |a| {
-        if input.already_deferred.contains(&a.id) {
+        if input.already_deferred.contains(&a.id) || input.classes.is_some_and(|c| !c[a.class.index()]) {
             return;
         }
         let s = *standing
@@ -101,6 +107,13 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         target_w: input.target_w.to_vec(),
         cohorts,
         rebound_fraction_max: inner.config.rebound_fraction_max,
+        rebound_reference_w: Some(input.peak_target_w),
+        prior_rebound_w: input
+            .prior_rebound_w
+            .iter()
+            .copied()
+            .take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX)
+            .collect(),
         rebound_sigmas: inner.config.rebound_sigmas,
         delivery_sigmas: inner.config.delivery_sigmas,
         deferral_min_max: input.deferral_min_max,

@@ -54,6 +54,10 @@ pub struct EngineConfig {
     pub headend: HeadEndConfig,
     /// Real time between ticks of the closed loop (retries, expiries, progress).
     pub tick_interval_ms: u64,
+    /// Top an event up when its started devices report shedding less than the plan expected of them (a share
+    /// of the EV chargers it counted on were not charging): the shortfall they foretell is planned again, from
+    /// the next minute, among appliances not yet deferred.
+    pub top_up: bool,
     /// Dispatches planned and signed at once, at most; more wait their turn. Each holds a scan of the whole
     /// eligible population, so this bounds memory as well as CPU under a burst of submissions.
     pub plans_in_flight_max: usize,
@@ -76,6 +80,7 @@ impl Default for EngineConfig {
             release_over_min_default: 5,
             headend: HeadEndConfig::default(),
             tick_interval_ms: 200,
+            top_up: true,
             plans_in_flight_max: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
@@ -477,7 +482,7 @@ impl Engine {
         metrics::counter!("halftime_events_submitted_total").increment(1);
 
         let target = record.spec.target_w.clone();
-        let plan = self.dispatch(&rt, &record.spec.regions, 0, target, record.spec.deferral_min_max, received).await?;
+        let plan = self.dispatch(&rt, 0, target, None, 1.0, received).await?;
         metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
         tracing::info!(
             event = id.0,
@@ -493,24 +498,38 @@ impl Engine {
     }
 
     /// Plans `target_w` (the event's slots from `first_slot` on) over its regions and dispatches what was
-    /// picked. Merges the result into the event's plan summary (additive, for updates) and records it.
+    /// picked. Merges the result into the event's plan summary (additive, for updates) and records it. A later
+    /// dispatch shares the event's rebound cap with what the earlier ones expect, scaled by
+    /// `prior_rebound_scale` (what their devices reported shedding, as a share of the plan).
     async fn dispatch(
         &self,
         rt: &Arc<EventRuntime>,
-        regions: &[RegionId],
         first_slot: usize,
         target_w: Vec<f64>,
-        deferral_min_max: u32,
+        classes: Option<[bool; halftime_core::appliance::N_CLASSES]>,
+        prior_rebound_scale: f64,
         received: std::time::Instant,
     ) -> Result<PlanSummary, EngineError> {
-        let (event, event_start, already_deferred) = {
+        let (event, event_start, already_deferred, peak_target_w, prior_rebound_w, regions, deferral_min_max) = {
             let st = rt.lock();
+            let spec = &st.record.spec;
             let already_deferred: ahash::AHashSet<ApplianceId> = st.devices.keys().copied().collect();
-            (st.record.id, st.record.spec.start_unix_ms, already_deferred)
+            let peak_target_w = spec.target_w.iter().copied().fold(0.0, f64::max);
+            let prior_rebound_w: Vec<f64> =
+                st.record.plan.rebound_w.iter().skip(first_slot).map(|w| w * prior_rebound_scale).collect();
+            let regions = spec.regions.clone();
+            (
+                st.record.id,
+                spec.start_unix_ms,
+                already_deferred,
+                peak_target_w,
+                prior_rebound_w,
+                regions,
+                spec.deferral_min_max,
+            )
         };
         let start_unix_ms = event_start + first_slot as i64 * MS_PER_MIN;
         let inner = Arc::clone(&self.inner);
-        let regions = regions.to_vec();
         let permit =
             self.inner.plan_permits.acquire().await.map_err(|_| EngineError::Internal("plan permits closed".into()))?;
         let now = self.now_unix_ms();
@@ -525,6 +544,9 @@ impl Engine {
                     deferral_min_max,
                     now_unix_ms: now,
                     already_deferred: &already_deferred,
+                    peak_target_w,
+                    prior_rebound_w: &prior_rebound_w,
+                    classes,
                 },
             )
         })
@@ -535,6 +557,11 @@ impl Engine {
         if let Err(e) = self.inner.headend.admit(picked.commands.len()) {
             self.unreserve(&picked.reservations);
             return Err(EngineError::ResourceExhausted(e.to_string()));
+        }
+        if rt.lock().record.state == EventState::Cancelled {
+            // Cancelled while this was planned (an update or a top-up racing a cancel): send nothing.
+            self.unreserve(&picked.reservations);
+            return Err(EngineError::Invalid(FieldError::new("event_id", "event is cancelled")));
         }
         let store = Arc::clone(&self.inner.store);
         let dispatch = Dispatch { reservations: picked.reservations, commands: picked.commands };
@@ -582,6 +609,38 @@ impl Engine {
         metrics::counter!("halftime_commands_signed_total").increment(dispatch.commands.len() as u64);
         rt.publish();
         Ok(summary)
+    }
+
+    /// Plans `residual_w` (the event's slots from `first_slot` on) among appliances not yet deferred: what the
+    /// started devices' reports say the plan will fall short by. Only classes that carry a good share of the
+    /// event's planned reduction: a top-up is small and its rebound headroom thin, so the LP reaches for classes
+    /// plans otherwise leave alone (tumble dryers, water heaters), and over a season a few of their households
+    /// carried all of it (Jain 0.11 among households with only a tumble dryer).
+    async fn top_up(&self, rt: Arc<EventRuntime>, first_slot: usize, residual_w: Vec<f64>, realised_ratio: f64) {
+        let (event, n_before, classes) = {
+            let st = rt.lock();
+            let mut by_class_w = [0.0f64; halftime_core::appliance::N_CLASSES];
+            for device in st.devices.keys() {
+                if let Some(a) = self.inner.registry.get(*device) {
+                    by_class_w[a.class.index()] += a.expected_reduction_w();
+                }
+            }
+            let total_w: f64 = by_class_w.iter().sum();
+            let classes = by_class_w.map(|w| w > 0.0 && w >= TOP_UP_CLASS_SHARE_MIN * total_w);
+            (st.record.id, st.record.plan.n_appliances, classes)
+        };
+        let received = std::time::Instant::now();
+        let top_up = self.dispatch(&rt, first_slot, residual_w, Some(classes), realised_ratio, received).await;
+        rt.lock().top_up_in_flight = false;
+        match top_up {
+            Ok(plan) => {
+                let n = plan.n_appliances.saturating_sub(n_before);
+                metrics::counter!("halftime_top_ups_total").increment(1);
+                metrics::counter!("halftime_top_up_appliances_total").increment(n);
+                tracing::info!(event = event.0, appliances = n, first_slot, "event topped up");
+            }
+            Err(e) => tracing::warn!(event = event.0, error = %e, "top-up not dispatched"),
+        }
     }
 
     fn unreserve(&self, reservations: &[halftime_core::Reservation]) {
@@ -645,7 +704,7 @@ impl Engine {
             st.dirty = true;
         }
         if residual.iter().any(|&w| w > 1.0) {
-            self.dispatch(&rt, &spec.regions, first_slot, residual, spec.deferral_min_max, received).await?;
+            self.dispatch(&rt, first_slot, residual, None, 1.0, received).await?;
         }
         self.release_excess(&rt, &new_target, now).await?;
         let record = rt.lock().record.clone();
@@ -1069,6 +1128,7 @@ fn tick(inner: &Arc<Inner>) {
             let _ = inner.outcomes.try_send(WriterMsg::Outcome(o));
         }
     }
+    weigh_events(inner, now);
     let (mut active, mut target_w, mut expected_w, mut delivered_w) = (0u64, 0.0, 0.0, 0.0);
     for e in inner.events.iter() {
         e.advance_and_publish(now);
@@ -1085,6 +1145,94 @@ fn tick(inner: &Arc<Inner>) {
     metrics::gauge!("halftime_target_mw").set(target_w / 1e6);
     metrics::gauge!("halftime_expected_mw").set(expected_w / 1e6);
     metrics::gauge!("halftime_delivered_mw").set(delivered_w / 1e6);
+}
+
+/// How often (engine time) an event's device reports are weighed against its plan.
+const WEIGH_INTERVAL_MS: i64 = MS_PER_MIN;
+/// Top-ups per event, at most.
+const TOP_UPS_MAX: u32 = 3;
+/// A top-up is planned only where the foretold shortfall in some minute is at least this share of the peak
+/// target: a few percent is within the plan's own allowance for scatter.
+const TOP_UP_SHORTFALL_SHARE_MIN: f64 = 0.02;
+/// A top-up draws only on classes that carry at least this share of the event's planned reduction.
+const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
+
+/// Once a minute per active event: weighs what its started devices reported against what the plan expected of
+/// them, and where that foretells a shortfall in a minute still to come, tops the event up on a task of its own
+/// (at most [`TOP_UPS_MAX`] times, one at a time).
+fn weigh_events(inner: &Arc<Inner>, now: i64) {
+    let mut per_device: std::collections::HashMap<(ApplianceClass, u32), f64> = std::collections::HashMap::new();
+    // Expected shed of a device over its window, W, as it reports it: its expected reduction times the mean
+    // of its class's response over the deferral (an EV's session may end within it).
+    let mut expected_w_of = |t: &runtime::DeviceTrack| {
+        let Some(a) = inner.registry.get(t.command.device) else { return 0.0 };
+        let minutes = (t.command.deferral_s / 60).max(1);
+        let share = *per_device.entry((a.class, minutes)).or_insert_with(|| {
+            let shed = halftime_core::physics::expected_response(a.class, minutes).shed;
+            shed.iter().sum::<f64>() / shed.len().max(1) as f64
+        });
+        a.expected_reduction_w() * share
+    };
+    for e in inner.events.iter() {
+        let rt = e.value();
+        let top_up = {
+            let mut st = rt.lock();
+            if st.record.state != EventState::Active || now < st.weighed_unix_ms.saturating_add(WEIGH_INTERVAL_MS) {
+                continue;
+            }
+            st.weighed_unix_ms = now;
+            let realised = st.realised(&mut expected_w_of);
+            if realised.expected_w <= 0.0 {
+                continue;
+            }
+            let ratio = realised.reported_w / realised.expected_w;
+            // 0 is kept for "nothing weighed yet".
+            st.record.plan.realised_ratio = ratio.max(f64::MIN_POSITIVE);
+            st.dirty = true;
+            if !inner.config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
+                continue;
+            }
+            // From the next minute on: what the plan promises (up to the target; planning again what it could
+            // not promise finds nothing new), less what it now looks like delivering (its expectation, earlier
+            // top-ups included, with what the started devices reported in place of what was expected of them).
+            let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+            let plan = &st.record.plan;
+            let residual_w: Vec<f64> = (first_slot..plan.target_w.len())
+                .map(|t| {
+                    let expected_w = plan.expected_w.get(t).copied().unwrap_or(0.0);
+                    (plan.target_w[t].min(expected_w) - (expected_w + realised.deviation_w[t])).max(0.0)
+                })
+                .collect();
+            let peak_w = plan.target_w.iter().copied().fold(0.0, f64::max);
+            if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
+                continue;
+            }
+            tracing::info!(
+                event = st.record.id.0,
+                reported = realised.n_known,
+                rejected = realised.n_rejected,
+                expected_kw = realised.expected_w / 1e3,
+                reported_kw = realised.reported_w / 1e3,
+                shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,
+                "devices report less than planned"
+            );
+            st.top_up_in_flight = true;
+            st.n_top_ups += 1;
+            // The rebound the earlier dispatches will cause shrinks with what they shed.
+            Some((first_slot, residual_w, ratio.min(1.0)))
+        };
+        rt.publish();
+        if let Some((first_slot, residual_w, ratio)) = top_up {
+            let engine = Engine { inner: Arc::clone(inner) };
+            let rt = Arc::clone(rt);
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move { engine.top_up(rt, first_slot, residual_w, ratio).await });
+                }
+                Err(_) => rt.lock().top_up_in_flight = false,
+            }
+        }
+    }
 }
 
 async fn tick_loop(inner: std::sync::Weak<Inner>) {

@@ -50,6 +50,19 @@ pub enum Applied {
     EndEarly(i64),
 }
 
+/// What the devices of an event that have started reported they shed, against what the plan expected of them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Realised {
+    /// Devices that have said whether they started, and how many of them refused.
+    pub n_known: usize,
+    pub n_rejected: usize,
+    /// Over those devices: what the plan expected them to shed, and what they reported, W.
+    pub expected_w: f64,
+    pub reported_w: f64,
+    /// Per slot of the event, what they reported less what was expected of them over their windows, W.
+    pub deviation_w: Vec<f64>,
+}
+
 #[derive(Debug)]
 pub struct RuntimeState {
     pub record: EventRecord,
@@ -59,6 +72,11 @@ pub struct RuntimeState {
     pub last_not_after_unix_ms: i64,
     pub dirty: bool,
     pub closed: bool,
+    /// When the devices' reports were last weighed against the plan, engine time.
+    pub weighed_unix_ms: i64,
+    /// Top-ups dispatched so far, and whether one is being planned.
+    pub n_top_ups: u32,
+    pub top_up_in_flight: bool,
 }
 
 #[derive(Debug)]
@@ -77,6 +95,9 @@ impl EventRuntime {
             households: HashSet::new(),
             dirty: true,
             closed: false,
+            weighed_unix_ms: i64::MIN,
+            n_top_ups: 0,
+            top_up_in_flight: false,
         };
         let progress = state.progress();
         Self { state: Mutex::new(state), watch: watch::channel(progress).0 }
@@ -171,6 +192,34 @@ impl RuntimeState {
             Some(at) => Applied::EndEarly(at),
             None => Applied::Status,
         }
+    }
+
+    /// Weighs what the devices that have started reported against what the plan expected of them.
+    /// `expected_w_of` is what the plan expected a device to shed over its window. A rejection counts as
+    /// nothing shed over the window it was given; devices that have not said yet, or that the engine released
+    /// before they started, count as planned.
+    pub fn realised(&self, mut expected_w_of: impl FnMut(&DeviceTrack) -> f64) -> Realised {
+        let start = self.record.spec.start_unix_ms;
+        let mut r = Realised { deviation_w: vec![0.0; self.record.spec.target_w.len()], ..Realised::default() };
+        for t in self.devices.values() {
+            let (from, reported_w) = match (t.status, t.started_unix_ms) {
+                (DeviceStatus::Started | DeviceStatus::Completed | DeviceStatus::Overridden, Some(at)) => {
+                    (at, f64::from(t.reduction_w))
+                }
+                (DeviceStatus::Rejected, _) => {
+                    r.n_rejected += 1;
+                    (t.command.not_before_unix_ms, 0.0)
+                }
+                _ => continue,
+            };
+            let expected_w = expected_w_of(t);
+            r.n_known += 1;
+            r.expected_w += expected_w;
+            r.reported_w += reported_w;
+            let to = from + i64::from(t.command.deferral_s) * 1000;
+            add_interval(&mut r.deviation_w, start, from, to, reported_w - expected_w);
+        }
+        r
     }
 
     fn delivered_w(&self) -> Vec<f64> {

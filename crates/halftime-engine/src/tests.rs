@@ -442,3 +442,95 @@ fn flexibility_counts_on_overrides_as_households_make_them() {
         assert!(after < before * 0.8, "flexibility {before} W before, {after} W after {n_overridden} overrides");
     });
 }
+
+/// When the devices that have started report shedding less than the plan expected of them, the engine tops the
+/// event up from the next minute, within the event's rebound cap, so that what it now looks like delivering is
+/// back where the plan was. When they shed what was expected, it does not.
+#[test]
+fn devices_that_shed_less_than_planned_are_topped_up() {
+    for (realised, expect_top_up) in [(0.6, true), (1.0, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        runtime().block_on(async {
+            let engine = open(dir.path(), Arc::clone(&clock)).await;
+            let region = engine.regions().lookup("_C").unwrap();
+            engine.enrol((1..=3_000u64).map(|i| one_per_household(i, region)).collect()).await.unwrap();
+            let start = T0 + 60_000;
+            let target_kw = vec![20.0; 15];
+            let (id, before) = engine
+                .submit(submit_request("wave", &["_C"], start, target_kw.clone(), 30), &Grant::unrestricted())
+                .await
+                .unwrap();
+            let entries: Vec<_> =
+                engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
+            let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
+            // The first devices to start report `realised` of what the plan expected of them (a fridge sheds
+            // its expected reduction on average over any window); what they lose, per slot.
+            let mut lost_w = vec![0.0; target_kw.len()];
+            let reports: Vec<DeviceReport> = entries
+                .iter()
+                .filter(|e| e.reservation.not_before_unix_ms == first)
+                .map(|e| {
+                    let a = engine.appliance(e.reservation.appliance).unwrap();
+                    let minutes = e.reservation.deferral_s / 60;
+                    let shed = halftime_core::physics::expected_response(a.class, minutes).shed;
+                    let expected_w = a.expected_reduction_w() * shed.iter().sum::<f64>() / shed.len() as f64;
+                    let reduction_w = (realised * expected_w).round() as u32;
+                    let at = start + 1_000;
+                    let to = at + i64::from(e.reservation.deferral_s) * 1000;
+                    add_interval(&mut lost_w, start, at, to, expected_w - f64::from(reduction_w));
+                    DeviceReport {
+                        device: a.id,
+                        event: id,
+                        counter: 0,
+                        status: DeviceStatus::Started,
+                        reject_reason: None,
+                        at_unix_ms: at,
+                        reduction_w,
+                    }
+                })
+                .collect();
+            assert!(reports.len() >= 50, "{} devices start first", reports.len());
+            engine.report(&reports).await.unwrap();
+            // The event starts; its reports are weighed at once.
+            clock.0.store(start + 40_000, Ordering::SeqCst);
+            let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
+            let mut after = plan_now();
+            for _ in 0..500 {
+                if after.realised_ratio > 0.0 && (!expect_top_up || after.n_appliances > before.n_appliances) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                after = plan_now();
+            }
+            assert!((after.realised_ratio - realised).abs() < 0.02, "realised {} of {realised}", after.realised_ratio);
+            if !expect_top_up {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert_eq!(plan_now().n_appliances, before.n_appliances, "topped up at {realised}");
+                return;
+            }
+            let after = plan_now();
+            assert!(after.n_appliances > before.n_appliances, "not topped up at {realised}");
+            let all: Vec<_> = engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
+            assert_eq!(all.len() as u64, after.n_appliances);
+            for e in &all {
+                let r = &e.reservation;
+                // Top-up deferrals start from the next minute on, never in the past, and keep to the classes
+                // the event relies on.
+                assert!(r.not_before_unix_ms == first || r.not_before_unix_ms >= start + 60_000);
+                assert_eq!(r.class, ApplianceClass::Fridge);
+            }
+            // From the minute after the top-up starts, what the event looks like delivering (the plan with the
+            // top-up, less what the first devices lost) is back where the first plan was.
+            for t in 2..target_kw.len() {
+                let want_w = target_kw[t].min(before.expected_w[t] / 1e3) * 1e3;
+                let now_w = after.expected_w[t] - lost_w[t];
+                assert!(now_w >= 0.95 * want_w, "slot {t}: {now_w} W of {want_w} W (lost {} W)", lost_w[t]);
+            }
+            let cap_w = 0.1 * 20e3;
+            for (t, r) in after.rebound_w.iter().enumerate().skip(target_kw.len()) {
+                assert!(*r <= cap_w * 1.1 + 200.0, "slot {t}: rebound {r} W over the cap {cap_w} W");
+            }
+        });
+    }
+}

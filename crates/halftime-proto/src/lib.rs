@@ -250,6 +250,7 @@ pub fn plan_to_pb(p: &PlanSummary) -> pb::PlanSummary {
         lp_solve_us: p.lp_solve_us,
         plan_ready_us: p.plan_ready_us,
         queued_us: p.queued_us,
+        realised_ratio: p.realised_ratio,
     }
 }
 

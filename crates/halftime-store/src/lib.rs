@@ -25,7 +25,7 @@ const OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("outcomes");
 const META_SIGNING_SEED: &str = "signing_seed";
 const META_COUNTER_HWM: &str = "counter_hwm";
 const META_SCHEMA: &str = "schema_version";
-const SCHEMA_VERSION: &[u8] = b"1";
+const SCHEMA_VERSION: &[u8] = b"2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

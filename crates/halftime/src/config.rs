@@ -44,6 +44,7 @@ pub struct EngineSection {
     pub randomize_start_s: u32,
     pub release_over_min_default: u32,
     pub tick_interval_ms: u64,
+    pub top_up: bool,
     pub plans_in_flight_max: usize,
 }
 
@@ -115,6 +116,7 @@ impl Default for EngineSection {
             randomize_start_s: e.randomize_start_s,
             release_over_min_default: e.release_over_min_default,
             tick_interval_ms: e.tick_interval_ms,
+            top_up: e.top_up,
             plans_in_flight_max: e.plans_in_flight_max,
         }
     }
@@ -239,6 +241,7 @@ impl Config {
                 outstanding_max: self.headend.outstanding_max,
             },
             tick_interval_ms: e.tick_interval_ms,
+            top_up: e.top_up,
             plans_in_flight_max: e.plans_in_flight_max,
         })
     }
