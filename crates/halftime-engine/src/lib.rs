@@ -302,12 +302,14 @@ impl Engine {
                 continue;
             };
             let mut st = rt.lock();
+            let mut expected = runtime::ExpectedReport::default();
             for c in &d.commands {
                 inner.headend.restore_active(*c);
                 if c.command.kind == CommandKind::Defer
                     && let Some(a) = inner.registry.get(c.command.device)
                 {
-                    st.add_device(a.household, c.command);
+                    let expected_w = expected.w(a.class, a.expected_reduction_w(), c.command.deferral_s);
+                    st.add_device(a.household, c.command, expected_w);
                 }
             }
         }
@@ -580,8 +582,10 @@ impl Engine {
         let plan_ready_us = micros(picked.picked_at.saturating_duration_since(received));
         {
             let mut st = rt.lock();
+            let mut expected = runtime::ExpectedReport::default();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
-                st.add_device(r.household, c.command);
+                let expected_w = expected.w(r.class, f64::from(r.reduction_kw) * 1e3, r.deferral_s);
+                st.add_device(r.household, c.command, expected_w);
             }
             let plan = &mut st.record.plan;
             merge_evaluation(plan, &picked.evaluation, first_slot);
@@ -1161,27 +1165,16 @@ const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
 /// them, and where that foretells a shortfall in a minute still to come, tops the event up on a task of its own
 /// (at most [`TOP_UPS_MAX`] times, one at a time).
 fn weigh_events(inner: &Arc<Inner>, now: i64) {
-    let mut per_device: std::collections::HashMap<(ApplianceClass, u32), f64> = std::collections::HashMap::new();
-    // Expected shed of a device over its window, W, as it reports it: its expected reduction times the mean
-    // of its class's response over the deferral (an EV's session may end within it).
-    let mut expected_w_of = |t: &runtime::DeviceTrack| {
-        let Some(a) = inner.registry.get(t.command.device) else { return 0.0 };
-        let minutes = (t.command.deferral_s / 60).max(1);
-        let share = *per_device.entry((a.class, minutes)).or_insert_with(|| {
-            let shed = halftime_core::physics::expected_response(a.class, minutes).shed;
-            shed.iter().sum::<f64>() / shed.len().max(1) as f64
-        });
-        a.expected_reduction_w() * share
-    };
     for e in inner.events.iter() {
         let rt = e.value();
         let top_up = {
-            let mut st = rt.lock();
+            let mut guard = rt.lock();
+            let st = &mut *guard;
             if st.record.state != EventState::Active || now < st.weighed_unix_ms.saturating_add(WEIGH_INTERVAL_MS) {
                 continue;
             }
             st.weighed_unix_ms = now;
-            let realised = st.realised(&mut expected_w_of);
+            let realised = &st.realised;
             if realised.expected_w <= 0.0 {
                 continue;
             }
@@ -1200,7 +1193,8 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             let residual_w: Vec<f64> = (first_slot..plan.target_w.len())
                 .map(|t| {
                     let expected_w = plan.expected_w.get(t).copied().unwrap_or(0.0);
-                    (plan.target_w[t].min(expected_w) - (expected_w + realised.deviation_w[t])).max(0.0)
+                    let deviation_w = realised.deviation_w.get(t).copied().unwrap_or(0.0);
+                    (plan.target_w[t].min(expected_w) - (expected_w + deviation_w)).max(0.0)
                 })
                 .collect();
             let peak_w = plan.target_w.iter().copied().fold(0.0, f64::max);

@@ -3,7 +3,8 @@
 
 use halftime_core::time::{MS_PER_MIN, slot_of};
 use halftime_core::{
-    ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId, ProgressCounts,
+    ApplianceClass, ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId,
+    ProgressCounts,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -21,6 +22,8 @@ pub struct DeviceTrack {
     pub acked: bool,
     pub started_unix_ms: Option<i64>,
     pub reduction_w: u32,
+    /// What the plan expects the device to report shedding when it starts (an average over its window), W.
+    pub expected_w: f64,
     /// When the deferral was ended early (override, release, rejection), if it was.
     pub ended_unix_ms: Option<i64>,
 }
@@ -50,17 +53,56 @@ pub enum Applied {
     EndEarly(i64),
 }
 
-/// What the devices of an event that have started reported they shed, against what the plan expected of them.
+/// What a device is expected to report shedding when it starts: its expected reduction times the mean of its
+/// class's response over the deferral (an EV's session may end within it). Cached per class and length.
+#[derive(Debug, Default)]
+pub struct ExpectedReport(HashMap<(ApplianceClass, u32), f64>);
+
+impl ExpectedReport {
+    pub fn w(&mut self, class: ApplianceClass, reduction_w: f64, deferral_s: u32) -> f64 {
+        let minutes = (deferral_s / 60).max(1);
+        let share = *self.0.entry((class, minutes)).or_insert_with(|| {
+            let shed = halftime_core::physics::expected_response(class, minutes).shed;
+            shed.iter().sum::<f64>() / shed.len().max(1) as f64
+        });
+        reduction_w * share
+    }
+}
+
+/// What the devices of an event that have started reported they shed, against what the plan expected of them,
+/// kept up to date as their reports arrive. A rejection counts as nothing shed over the window it was given;
+/// devices that have not said yet count as planned.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Realised {
     /// Devices that have said whether they started, and how many of them refused.
-    pub n_known: usize,
-    pub n_rejected: usize,
+    pub n_known: u64,
+    pub n_rejected: u64,
     /// Over those devices: what the plan expected them to shed, and what they reported, W.
     pub expected_w: f64,
     pub reported_w: f64,
     /// Per slot of the event, what they reported less what was expected of them over their windows, W.
     pub deviation_w: Vec<f64>,
+}
+
+impl Realised {
+    /// Adds a device's start (or refusal) over its window from `from_unix_ms`, in the slots of an event that
+    /// starts at `slot0_unix_ms` and has `n_slots`.
+    fn note(
+        &mut self,
+        slot0_unix_ms: i64,
+        n_slots: usize,
+        from_unix_ms: i64,
+        deferral_s: u32,
+        reported_w: f64,
+        expected_w: f64,
+    ) {
+        self.deviation_w.resize(n_slots, 0.0);
+        self.n_known += 1;
+        self.expected_w += expected_w;
+        self.reported_w += reported_w;
+        let to_unix_ms = from_unix_ms + i64::from(deferral_s) * 1000;
+        add_interval(&mut self.deviation_w, slot0_unix_ms, from_unix_ms, to_unix_ms, reported_w - expected_w);
+    }
 }
 
 #[derive(Debug)]
@@ -72,6 +114,7 @@ pub struct RuntimeState {
     pub last_not_after_unix_ms: i64,
     pub dirty: bool,
     pub closed: bool,
+    pub realised: Realised,
     /// When the devices' reports were last weighed against the plan, engine time.
     pub weighed_unix_ms: i64,
     /// Top-ups dispatched so far, and whether one is being planned.
@@ -95,6 +138,7 @@ impl EventRuntime {
             households: HashSet::new(),
             dirty: true,
             closed: false,
+            realised: Realised::default(),
             weighed_unix_ms: i64::MIN,
             n_top_ups: 0,
             top_up_in_flight: false,
@@ -120,7 +164,7 @@ impl EventRuntime {
 }
 
 impl RuntimeState {
-    pub fn add_device(&mut self, household: HouseholdId, command: DeferralCommand) {
+    pub fn add_device(&mut self, household: HouseholdId, command: DeferralCommand, expected_w: f64) {
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
         self.households.insert(household);
         let track = DeviceTrack {
@@ -130,6 +174,7 @@ impl RuntimeState {
             acked: false,
             started_unix_ms: None,
             reduction_w: 0,
+            expected_w,
             ended_unix_ms: None,
         };
         if self.devices.insert(command.device, track).is_none() {
@@ -160,6 +205,9 @@ impl RuntimeState {
                     track.started_unix_ms = Some(at);
                     track.reduction_w = reduction_w;
                     c.started += 1;
+                    let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
+                    let (deferral_s, expected_w) = (track.command.deferral_s, track.expected_w);
+                    self.realised.note(slot0, n, at, deferral_s, f64::from(reduction_w), expected_w);
                 }
             }
             DeviceStatus::Completed => c.completed += 1,
@@ -176,6 +224,12 @@ impl RuntimeState {
                 c.rejected += 1;
                 track.ended_unix_ms = Some(track.command.not_before_unix_ms);
                 end_early = Some(track.command.not_before_unix_ms);
+                if track.started_unix_ms.is_none() {
+                    let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
+                    let (from, deferral_s) = (track.command.not_before_unix_ms, track.command.deferral_s);
+                    self.realised.note(slot0, n, from, deferral_s, 0.0, track.expected_w);
+                    self.realised.n_rejected += 1;
+                }
             }
             DeviceStatus::Expired => {
                 if track.acked {
@@ -192,34 +246,6 @@ impl RuntimeState {
             Some(at) => Applied::EndEarly(at),
             None => Applied::Status,
         }
-    }
-
-    /// Weighs what the devices that have started reported against what the plan expected of them.
-    /// `expected_w_of` is what the plan expected a device to shed over its window. A rejection counts as
-    /// nothing shed over the window it was given; devices that have not said yet, or that the engine released
-    /// before they started, count as planned.
-    pub fn realised(&self, mut expected_w_of: impl FnMut(&DeviceTrack) -> f64) -> Realised {
-        let start = self.record.spec.start_unix_ms;
-        let mut r = Realised { deviation_w: vec![0.0; self.record.spec.target_w.len()], ..Realised::default() };
-        for t in self.devices.values() {
-            let (from, reported_w) = match (t.status, t.started_unix_ms) {
-                (DeviceStatus::Started | DeviceStatus::Completed | DeviceStatus::Overridden, Some(at)) => {
-                    (at, f64::from(t.reduction_w))
-                }
-                (DeviceStatus::Rejected, _) => {
-                    r.n_rejected += 1;
-                    (t.command.not_before_unix_ms, 0.0)
-                }
-                _ => continue,
-            };
-            let expected_w = expected_w_of(t);
-            r.n_known += 1;
-            r.expected_w += expected_w;
-            r.reported_w += reported_w;
-            let to = from + i64::from(t.command.deferral_s) * 1000;
-            add_interval(&mut r.deviation_w, start, from, to, reported_w - expected_w);
-        }
-        r
     }
 
     fn delivered_w(&self) -> Vec<f64> {
