@@ -317,6 +317,50 @@ pub fn add_interval(slots: &mut [f64], slot0_unix_ms: i64, from: i64, to: i64, w
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halftime_core::{CommandKind, EventId, Priority, StressEventSpec};
+
+    /// Two devices with 5-minute deferrals: one starts and reports half what was expected of it, one refuses.
+    /// What the event realised counts both, slot by slot, and a report repeated changes nothing.
+    #[test]
+    fn realised_follows_starts_and_refusals_as_they_are_reported() {
+        let start = 60 * MS_PER_MIN;
+        let spec = StressEventSpec {
+            regions: vec![],
+            start_unix_ms: start,
+            target_w: vec![1_000.0; 10],
+            deferral_min_max: 5,
+            priority: Priority::High,
+            idempotency_key: "k".into(),
+        };
+        let record = EventRecord {
+            id: EventId(1),
+            spec,
+            state: EventState::Active,
+            plan: Default::default(),
+            accepted_unix_ms: 0,
+        };
+        let mut st = EventRuntime::new(record).state.into_inner().unwrap();
+        let command = |device: u64| DeferralCommand {
+            kind: CommandKind::Defer,
+            key_id: 0,
+            device: ApplianceId(device),
+            event: EventId(1),
+            counter: device,
+            not_before_unix_ms: start,
+            not_after_unix_ms: start + 5 * MS_PER_MIN,
+            deferral_s: 300,
+            randomize_start_s: 0,
+        };
+        st.add_device(HouseholdId(1), command(1), 400.0);
+        st.add_device(HouseholdId(2), command(2), 600.0);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200);
+        st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0);
+        let r = &st.realised;
+        assert_eq!((r.n_known, r.n_rejected), (2, 1));
+        assert_eq!((r.expected_w, r.reported_w), (1_000.0, 200.0));
+        assert_eq!(r.deviation_w, [vec![-800.0; 5], vec![0.0; 5]].concat());
+    }
 
     #[test]
     fn intervals_spread_over_slots_by_overlap() {
