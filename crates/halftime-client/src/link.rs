@@ -418,43 +418,28 @@ impl Runtime {
             };
             let deferral = deferral_of(active);
             match t.kind {
-                // The device slept through the window (suspended, or its clock jumped): too late to defer.
-                TimerKind::Start if now >= deferral.end_unix_ms => {
-                    d.guard.clear_active();
-                    self.outbox.report(
-                        t.device,
-                        active.event,
-                        active.counter,
-                        DeviceStatus::Rejected,
-                        Some(RejectReason::Expired),
-                        0,
-                    );
+                TimerKind::Start => {
+                    // A device that slept through the window (suspended, or its clock jumped) is too late.
+                    let started = if now >= deferral.end_unix_ms {
+                        Err(RejectReason::Expired)
+                    } else {
+                        d.appliance.defer(&deferral).map_err(|why| {
+                            tracing::debug!(device = %t.device, %why, "appliance refused");
+                            RejectReason::ApplianceRefused
+                        })
+                    };
+                    let (status, reason, reduction_w) = match started {
+                        Ok(reduction_w) => {
+                            d.running = Some(reduction_w);
+                            (DeviceStatus::Started, None, reduction_w)
+                        }
+                        Err(reason) => {
+                            d.guard.clear_active();
+                            (DeviceStatus::Rejected, Some(reason), 0)
+                        }
+                    };
+                    self.outbox.report(t.device, active.event, active.counter, status, reason, reduction_w);
                 }
-                TimerKind::Start => match d.appliance.defer(&deferral) {
-                    Ok(reduction_w) => {
-                        d.running = Some(reduction_w);
-                        self.outbox.report(
-                            t.device,
-                            active.event,
-                            active.counter,
-                            DeviceStatus::Started,
-                            None,
-                            reduction_w,
-                        );
-                    }
-                    Err(why) => {
-                        tracing::debug!(device = %t.device, %why, "appliance refused");
-                        d.guard.clear_active();
-                        self.outbox.report(
-                            t.device,
-                            active.event,
-                            active.counter,
-                            DeviceStatus::Rejected,
-                            Some(RejectReason::ApplianceRefused),
-                            0,
-                        );
-                    }
-                },
                 TimerKind::End | TimerKind::Release => {
                     if d.running.take().is_some() {
                         let reason =
