@@ -302,14 +302,12 @@ impl Engine {
                 continue;
             };
             let mut st = rt.lock();
-            let mut expected = runtime::ExpectedReport::default();
             for c in &d.commands {
                 inner.headend.restore_active(*c);
                 if c.command.kind == CommandKind::Defer
                     && let Some(a) = inner.registry.get(c.command.device)
                 {
-                    let expected_w = expected.w(a.class, a.expected_reduction_w(), c.command.deferral_s);
-                    st.add_device(a.household, c.command, expected_w);
+                    st.add_device(a.household, c.command, a.class, a.expected_reduction_w());
                 }
             }
         }
@@ -582,10 +580,8 @@ impl Engine {
         let plan_ready_us = micros(picked.picked_at.saturating_duration_since(received));
         {
             let mut st = rt.lock();
-            let mut expected = runtime::ExpectedReport::default();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
-                let expected_w = expected.w(r.class, f64::from(r.reduction_kw) * 1e3, r.deferral_s);
-                st.add_device(r.household, c.command, expected_w);
+                st.add_device(r.household, c.command, r.class, f64::from(r.reduction_kw) * 1e3);
             }
             let plan = &mut st.record.plan;
             merge_evaluation(plan, &picked.evaluation, first_slot);
@@ -623,14 +619,8 @@ impl Engine {
     async fn top_up(&self, rt: Arc<EventRuntime>, first_slot: usize, residual_w: Vec<f64>, realised_ratio: f64) {
         let (event, n_before, classes) = {
             let st = rt.lock();
-            let mut by_class_w = [0.0f64; halftime_core::appliance::N_CLASSES];
-            for device in st.devices.keys() {
-                if let Some(a) = self.inner.registry.get(*device) {
-                    by_class_w[a.class.index()] += a.expected_reduction_w();
-                }
-            }
-            let total_w: f64 = by_class_w.iter().sum();
-            let classes = by_class_w.map(|w| w > 0.0 && w >= TOP_UP_CLASS_SHARE_MIN * total_w);
+            let total_w: f64 = st.planned_by_class_w.iter().sum();
+            let classes = st.planned_by_class_w.map(|w| w > 0.0 && w >= TOP_UP_CLASS_SHARE_MIN * total_w);
             (st.record.id, st.record.plan.n_appliances, classes)
         };
         let received = std::time::Instant::now();

@@ -1,6 +1,7 @@
 //! Live state of one event: every dispatched device's command and status, the counts `WatchEvent` streams,
 //! and the delivered reduction, recomputed from device reports.
 
+use halftime_core::appliance::N_CLASSES;
 use halftime_core::time::{MS_PER_MIN, slot_of};
 use halftime_core::{
     ApplianceClass, ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId,
@@ -56,10 +57,10 @@ pub enum Applied {
 /// What a device is expected to report shedding when it starts: its expected reduction times the mean of its
 /// class's response over the deferral (an EV's session may end within it). Cached per class and length.
 #[derive(Debug, Default)]
-pub struct ExpectedReport(HashMap<(ApplianceClass, u32), f64>);
+struct ExpectedReport(HashMap<(ApplianceClass, u32), f64>);
 
 impl ExpectedReport {
-    pub fn w(&mut self, class: ApplianceClass, reduction_w: f64, deferral_s: u32) -> f64 {
+    fn w(&mut self, class: ApplianceClass, reduction_w: f64, deferral_s: u32) -> f64 {
         let minutes = (deferral_s / 60).max(1);
         let share = *self.0.entry((class, minutes)).or_insert_with(|| {
             let shed = halftime_core::physics::expected_response(class, minutes).shed;
@@ -115,6 +116,9 @@ pub struct RuntimeState {
     pub dirty: bool,
     pub closed: bool,
     pub realised: Realised,
+    expected_report: ExpectedReport,
+    /// Expected reduction of the devices dispatched, per appliance class, W.
+    pub planned_by_class_w: [f64; N_CLASSES],
     /// When the devices' reports were last weighed against the plan, engine time.
     pub weighed_unix_ms: i64,
     /// Top-ups dispatched so far, and whether one is being planned.
@@ -139,6 +143,8 @@ impl EventRuntime {
             dirty: true,
             closed: false,
             realised: Realised::default(),
+            expected_report: ExpectedReport::default(),
+            planned_by_class_w: [0.0; N_CLASSES],
             weighed_unix_ms: i64::MIN,
             n_top_ups: 0,
             top_up_in_flight: false,
@@ -164,7 +170,16 @@ impl EventRuntime {
 }
 
 impl RuntimeState {
-    pub fn add_device(&mut self, household: HouseholdId, command: DeferralCommand, expected_w: f64) {
+    /// Tracks a device given `command`: an appliance of `class` the plan expects to shed `reduction_w` at a
+    /// random moment.
+    pub fn add_device(
+        &mut self,
+        household: HouseholdId,
+        command: DeferralCommand,
+        class: ApplianceClass,
+        reduction_w: f64,
+    ) {
+        let expected_w = self.expected_report.w(class, reduction_w, command.deferral_s);
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
         self.households.insert(household);
         let track = DeviceTrack {
@@ -179,6 +194,7 @@ impl RuntimeState {
         };
         if self.devices.insert(command.device, track).is_none() {
             self.counts.dispatched += 1;
+            self.planned_by_class_w[class.index()] += reduction_w;
         }
         self.dirty = true;
     }
@@ -351,15 +367,17 @@ mod tests {
             deferral_s: 300,
             randomize_start_s: 0,
         };
-        st.add_device(HouseholdId(1), command(1), 400.0);
-        st.add_device(HouseholdId(2), command(2), 600.0);
+        // Fridges, whose mean response over any window is what they shed at a random moment.
+        st.add_device(HouseholdId(1), command(1), ApplianceClass::Fridge, 400.0);
+        st.add_device(HouseholdId(2), command(2), ApplianceClass::Fridge, 600.0);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 200);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 200);
         st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0);
         let r = &st.realised;
         assert_eq!((r.n_known, r.n_rejected), (2, 1));
-        assert_eq!((r.expected_w, r.reported_w), (1_000.0, 200.0));
-        assert_eq!(r.deviation_w, [vec![-800.0; 5], vec![0.0; 5]].concat());
+        assert!((r.expected_w - 1_000.0).abs() < 1e-6 && r.reported_w == 200.0, "{r:?}");
+        let want = [vec![-800.0; 5], vec![0.0; 5]].concat();
+        assert!(r.deviation_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", r.deviation_w);
     }
 
     #[test]
