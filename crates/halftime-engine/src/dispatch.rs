@@ -39,9 +39,10 @@ pub struct DispatchInput<'a> {
     pub already_deferred: &'a HashSet<ApplianceId>,
     /// The event's peak target, W: the rebound cap is a fraction of it, whatever part of the event this plans.
     pub peak_target_w: f64,
-    /// Rebound the event's earlier dispatches are expected to cause, W per slot from `start_unix_ms` on.
+    /// Rebound the event's earlier dispatches are expected to cause, W per slot from `start_unix_ms` on (at most
+    /// `PRIOR_REBOUND_SLOTS_MAX` slots).
     pub prior_rebound_w: &'a [f64],
-    /// Only appliances of these classes, if given (a top-up draws on the classes the event already uses).
+    /// Only appliances of these classes, if given (a top-up draws on the classes the event relies on).
     pub classes: Option<[bool; N_CLASSES]>,
 }
 
@@ -108,12 +109,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         cohorts,
         rebound_fraction_max: inner.config.rebound_fraction_max,
         rebound_reference_w: Some(input.peak_target_w),
-        prior_rebound_w: input
-            .prior_rebound_w
-            .iter()
-            .copied()
-            .take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX)
-            .collect(),
+        prior_rebound_w: input.prior_rebound_w.to_vec(),
         rebound_sigmas: inner.config.rebound_sigmas,
         delivery_sigmas: inner.config.delivery_sigmas,
         deferral_min_max: input.deferral_min_max,

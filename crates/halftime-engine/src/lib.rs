@@ -515,8 +515,9 @@ impl Engine {
             let spec = &st.record.spec;
             let already_deferred: ahash::AHashSet<ApplianceId> = st.devices.keys().copied().collect();
             let peak_target_w = spec.target_w.iter().copied().fold(0.0, f64::max);
-            let prior_rebound_w: Vec<f64> =
-                st.record.plan.rebound_w.iter().skip(first_slot).map(|w| w * prior_rebound_scale).collect();
+            let prior =
+                st.record.plan.rebound_w.iter().skip(first_slot).take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX);
+            let prior_rebound_w: Vec<f64> = prior.map(|w| w * prior_rebound_scale).collect();
             let regions = spec.regions.clone();
             (
                 st.record.id,
