@@ -104,7 +104,8 @@ async fn the_small_scenario_runs_against_a_served_engine_on_a_drill_clock() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/small.toml");
     let speed = 300.0;
     let mut config = halftime::config::Config::parse(&format!(
-        "[clock]\nspeed = {speed}\nstart = \"2026-01-05T18:00:00Z\"\n\
+        "[engine]\nrebound_reference = \"peak_target\"\n\
+         [clock]\nspeed = {speed}\nstart = \"2026-01-05T18:00:00Z\"\n\
          [[operators]]\nname = \"drill\"\ntoken = \"drill-token-0000000000\"\ntarget_mw_max = 10.0"
     ))
     .unwrap();

@@ -37,8 +37,9 @@ pub struct DispatchInput<'a> {
     pub now_unix_ms: i64,
     /// Appliances that already have a deferral in this event (an update adds others, never these).
     pub already_deferred: &'a HashSet<ApplianceId>,
-    /// The event's peak target, W: the rebound cap is a fraction of it, whatever part of the event this plans.
-    pub peak_target_w: f64,
+    /// The peak reduction the rebound cap is a fraction of, W: what the event's plan already promises at its
+    /// peak, for a residual; `None` for the event's first plan (its own delivered peak).
+    pub rebound_reference_w: Option<f64>,
     /// Rebound the event's earlier dispatches are expected to cause, W per slot from `start_unix_ms` on (at most
     /// `PRIOR_REBOUND_SLOTS_MAX` slots).
     pub prior_rebound_w: &'a [f64],
@@ -108,7 +109,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         target_w: input.target_w.to_vec(),
         cohorts,
         rebound_fraction_max: inner.config.rebound_fraction_max,
-        rebound_reference_w: Some(input.peak_target_w),
+        rebound_reference_w: input.rebound_reference_w,
         prior_rebound_w: input.prior_rebound_w.to_vec(),
         rebound_sigmas: inner.config.rebound_sigmas,
         delivery_sigmas: inner.config.delivery_sigmas,

@@ -36,8 +36,10 @@ pub struct EngineConfig {
     pub regions: RegionSet,
     /// System-wide fairness caps; a household's effective limits are the tighter of these and its own.
     pub system_caps: Limits,
-    /// Rebound in any slot may not exceed this fraction of the event's peak target.
+    /// Rebound in any slot may not exceed this fraction of the event's peak reduction (see `rebound_reference`).
     pub rebound_fraction_max: f64,
+    /// What the rebound cap is a fraction of.
+    pub rebound_reference: ReboundReference,
     /// Standard deviations of the scatter among individual appliances that the planned rebound leaves room for
     /// under the cap (a plan to the cap itself would break it about half the time).
     pub rebound_sigmas: f64,
@@ -63,12 +65,27 @@ pub struct EngineConfig {
     pub plans_in_flight_max: usize,
 }
 
+/// What an event's rebound cap is a fraction of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReboundReference {
+    /// The peak reduction the plan delivers (at most the peak target): where a plan falls short, its rebound
+    /// shrinks with it. Every kWh shed comes back, so a fleet that cannot push its payback past the next hours
+    /// (fridges and freezers alone) or is too small to stagger it (one heater's payback is more than the
+    /// share) gets no plan at all for a long event; it reports the whole target as shortfall.
+    #[default]
+    DeliveredPeak,
+    /// The event's peak target, whatever the plan delivers: such fleets deliver something, and their rebound may
+    /// be a larger share of what they deliver.
+    PeakTarget,
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             regions: RegionSet::gb_dno_areas(),
             system_caps: Limits::system_default(),
             rebound_fraction_max: 0.1,
+            rebound_reference: ReboundReference::DeliveredPeak,
             rebound_sigmas: 2.0,
             delivery_sigmas: 1.5,
             // A month: who goes first is decided by burden over the month, so deferrals even out over a
@@ -510,20 +527,31 @@ impl Engine {
         prior_rebound_scale: f64,
         received: std::time::Instant,
     ) -> Result<PlanSummary, EngineError> {
-        let (event, event_start, already_deferred, peak_target_w, prior_rebound_w, regions, deferral_min_max) = {
+        let (event, event_start, already_deferred, rebound_reference_w, prior_rebound_w, regions, deferral_min_max) = {
             let st = rt.lock();
             let spec = &st.record.spec;
             let already_deferred: ahash::AHashSet<ApplianceId> = st.devices.keys().copied().collect();
+            // A residual shares the cap the event's plan already has: a share of the peak reduction it promises.
+            // Before anything is planned, the plan's own delivered peak is the reference.
+            let peak_planned_w = st.record.plan.expected_w.iter().copied().fold(0.0, f64::max);
             let peak_target_w = spec.target_w.iter().copied().fold(0.0, f64::max);
-            let prior =
-                st.record.plan.rebound_w.iter().skip(first_slot).take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX);
-            let prior_rebound_w: Vec<f64> = prior.map(|w| w * prior_rebound_scale).collect();
+            let rebound_reference_w = match self.inner.config.rebound_reference {
+                ReboundReference::DeliveredPeak => (peak_planned_w > 0.0).then(|| peak_planned_w.min(peak_target_w)),
+                ReboundReference::PeakTarget => Some(peak_target_w),
+            };
+            let prior_rebound_w: Vec<f64> = match rebound_reference_w {
+                Some(_) => {
+                    let prior = st.record.plan.rebound_w.iter().skip(first_slot);
+                    prior.take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX).map(|w| w * prior_rebound_scale).collect()
+                }
+                None => Vec::new(),
+            };
             let regions = spec.regions.clone();
             (
                 st.record.id,
                 spec.start_unix_ms,
                 already_deferred,
-                peak_target_w,
+                rebound_reference_w,
                 prior_rebound_w,
                 regions,
                 spec.deferral_min_max,
@@ -545,7 +573,7 @@ impl Engine {
                     deferral_min_max,
                     now_unix_ms: now,
                     already_deferred: &already_deferred,
-                    peak_target_w,
+                    rebound_reference_w,
                     prior_rebound_w: &prior_rebound_w,
                     classes,
                 },

@@ -63,10 +63,16 @@ fn submit_request(
     }
 }
 
+/// The worlds here are a few thousand fridges, or fewer: they cannot hold a plateau's rebound to a tenth of what
+/// they deliver, so under the default rule they get no plan at all
+/// (`a_fleet_that_cannot_stagger_its_payback_gets_no_plan_under_the_delivered_peak_rule`). They plan against
+/// the peak target instead, which keeps the cap binding where the tests need it to.
+fn test_config() -> EngineConfig {
+    EngineConfig { tick_interval_ms: 10, rebound_reference: ReboundReference::PeakTarget, ..EngineConfig::default() }
+}
+
 async fn open(dir: &Path, clock: Arc<TestClock>) -> Engine {
-    Engine::open(EngineConfig { tick_interval_ms: 10, ..EngineConfig::default() }, dir, clock)
-        .await
-        .expect("engine opens")
+    Engine::open(test_config(), dir, clock).await.expect("engine opens")
 }
 
 proptest! {
@@ -284,7 +290,7 @@ fn picking_rotates_through_every_household_across_fairness_windows() {
     let clock = Arc::new(TestClock(AtomicI64::new(T0)));
     let n_households = 40u64;
     runtime().block_on(async {
-        let config = EngineConfig { tick_interval_ms: 10, fairness_window_days: 1, ..EngineConfig::default() };
+        let config = EngineConfig { fairness_window_days: 1, ..test_config() };
         let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
         let region = engine.regions().lookup("_C").unwrap();
         let appliances: Vec<Appliance> = (1..=n_households)
@@ -385,6 +391,33 @@ fn one_per_household(i: u64, region: RegionId) -> Appliance {
         duty_cycle_permille: p.duty_cycle_permille as u16,
         deferral_min_max: p.deferral_min_max_safe as u16,
         override_rate_permille: 100,
+    }
+}
+
+/// Under the default rule the rebound cap is a share of the peak reduction the plan delivers. Fridges alone cannot
+/// hold a 15-minute plateau's payback to a tenth of that, so the engine plans nothing and says so: the whole
+/// target is shortfall. Against the peak target the same fleet is given a plan.
+#[test]
+fn a_fleet_that_cannot_stagger_its_payback_gets_no_plan_under_the_delivered_peak_rule() {
+    for (rebound_reference, expect_plan) in
+        [(ReboundReference::DeliveredPeak, false), (ReboundReference::PeakTarget, true)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        runtime().block_on(async {
+            let config = EngineConfig { rebound_reference, ..test_config() };
+            let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
+            let region = engine.regions().lookup("_C").unwrap();
+            engine.enrol((1..=3_000u64).map(|i| one_per_household(i, region)).collect()).await.unwrap();
+            let req = submit_request("plateau", &["_C"], T0 + 60_000, vec![20.0; 15], 30);
+            let (_, plan) = engine.submit(req, &Grant::unrestricted()).await.unwrap();
+            if expect_plan {
+                assert!(plan.n_appliances > 0, "{rebound_reference:?}: no plan");
+            } else {
+                assert_eq!(plan.n_appliances, 0, "{rebound_reference:?}");
+                assert_eq!(plan.shortfall_w, plan.target_w, "the whole target is reported short");
+            }
+        });
     }
 }
 

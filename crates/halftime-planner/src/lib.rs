@@ -8,8 +8,8 @@
 //!   override and pays back from then) and of the rebound of appliances already released, with an allowance for
 //!   the scatter among individual appliances, or the shortfall per slot is reported;
 //! - no cohort is given a deferral longer than its budget band allows;
-//! - the rebound (payback) of released appliances never exceeds a configured fraction of the peak target, which
-//!   forces releases to be staggered;
+//! - the rebound (payback) of released appliances never exceeds a configured fraction of the peak reduction the
+//!   plan delivers, which forces releases to be staggered;
 //! - discomfort is least, weighted by appliance class and by burden band, so the least-burdened go first.
 //!
 //! Cohorts that differ only by region have identical coefficients, so the LP runs over "columns" (class x
@@ -48,13 +48,15 @@ pub struct PlanRequest {
     /// Reduction wanted per one-minute slot, W.
     pub target_w: Vec<f64>,
     pub cohorts: Vec<Cohort>,
-    /// Rebound in any slot may not exceed this fraction of the peak target.
+    /// Rebound in any slot may not exceed this fraction of the peak reduction.
     pub rebound_fraction_max: f64,
-    /// The peak target the rebound cap is a fraction of, W; `None` for the peak of `target_w`. A later dispatch
-    /// of an event (an update, a top-up) plans a residual, but under the event's cap.
+    /// The peak reduction the rebound cap is a fraction of, W. `None`: the reduction this plan delivers at the
+    /// peak of `target_w`, which is the peak target where the plan meets it and shrinks with the plan where it
+    /// falls short. A later dispatch of an event (an update, a top-up) plans a residual under the event's cap,
+    /// so the caller gives the peak reduction the event's plan already promises.
     pub rebound_reference_w: Option<f64>,
     /// Rebound already expected from the event's earlier dispatches, W per slot from this request's slot 0:
-    /// after the target slots, this plan's rebound shares the cap with it.
+    /// after the target slots, this plan's rebound shares the cap with it. Only with a `rebound_reference_w`.
     pub prior_rebound_w: Vec<f64>,
     /// Plan the expected rebound low enough that this many standard deviations of the scatter among individual
     /// appliances still fit under the cap (0 plans to the cap itself). See [`solve_lp`].
@@ -398,6 +400,10 @@ fn solve_lp<S: good_lp::Solver>(
     // Net load change below baseline per slot: active deferrals less rebound.
     let mut net: Vec<Expression> = (0..horizon).map(|_| Expression::with_capacity(64)).collect();
     let mut capacity: Vec<Expression> = (0..columns.len()).map(|_| Expression::with_capacity(64)).collect();
+    // The first slot with the peak target, and the plan's expected net reduction in it (no allowances): what the
+    // rebound cap is a share of when the request gives no reference.
+    let peak_slot = req.target_w.iter().position(|&w| w >= peak_target_w).unwrap_or(0) as u32;
+    let mut peak_expected = Expression::with_capacity(columns.len() * 4);
     let mut responses = Responses::new(req.randomize_start_s);
     for (j, col) in columns.iter().enumerate() {
         let profile = col.key.class.profile();
@@ -417,11 +423,17 @@ fn solve_lp<S: good_lp::Solver>(
                 for (t, shed) in (s..horizon).zip(&response.shed) {
                     if shed.abs() >= RESPONSE_COEFFICIENT_MIN {
                         net[t as usize].add_mul(coefficient(t, *shed), v);
+                        if t == peak_slot {
+                            peak_expected.add_mul(r_kw * shed, v);
+                        }
                     }
                 }
                 for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
                     if *payback >= RESPONSE_COEFFICIENT_MIN {
                         net[t as usize].add_mul(coefficient(t, -payback), v);
+                        if t == peak_slot {
+                            peak_expected.add_mul(-r_kw * payback, v);
+                        }
                     }
                 }
                 capacity[j].add_mul(1.0, v);
@@ -440,12 +452,24 @@ fn solve_lp<S: good_lp::Solver>(
         let required_kw_sum: f64 = required_kw.iter().sum();
         objective.add_mul(SHORTFALL_PENALTY_PER_KW_SLOT * (required_kw_sum + 1.0), f);
     }
-    let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall);
+    // Without a reference, the cap is a share of the reduction this plan delivers at its peak: `peak` is at most
+    // the plan's expected net reduction in the first slot with the peak target and at most that target, and the
+    // cap (with its allowance) scales by peak / peak target. A plan that falls short keeps its rebound in
+    // proportion, planning nothing (peak 0, no rebound) stays feasible, and where the cap binds the LP may meet
+    // the peak minute more fully than the rest, which is the reduction the rule is a share of. The expectation,
+    // not less its allowance: the delivery allowance already plans above it, and the rebound's allowance is what
+    // keeps the rule when appliances scatter.
+    let peak = (req.rebound_reference_w.is_none() && peak_target_w > 0.0)
+        .then(|| vars.add(variable().min(0.0).max(peak_target_w / 1e3)));
+    let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall) + usize::from(peak.is_some());
     let mut problem = vars.minimise(objective).using(solver);
     if let Some(f) = short_fraction {
         for (t, &sf) in shortfall.iter().enumerate() {
             problem.add_constraint((sf - f * required_kw[t]).leq(0.0));
         }
+    }
+    if let Some(peak) = peak {
+        problem.add_constraint((peak_expected - peak).geq(0.0));
     }
     for (t, mut expr) in net.into_iter().enumerate() {
         if t < n_slots as usize {
@@ -453,7 +477,12 @@ fn solve_lp<S: good_lp::Solver>(
             problem.add_constraint(expr.geq(required_kw[t]));
         } else {
             // After the window, load may rise above baseline by at most the rebound cap.
-            problem.add_constraint(expr.geq(bound_kw[t]));
+            if let Some(peak) = peak {
+                expr.add_mul(-bound_kw[t] / (peak_target_w / 1e3), peak);
+                problem.add_constraint(expr.geq(0.0));
+            } else {
+                problem.add_constraint(expr.geq(bound_kw[t]));
+            }
         }
     }
     for (j, expr) in capacity.into_iter().enumerate() {
@@ -485,6 +514,9 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     }
     if req.rebound_reference_w.is_some_and(|w| !w.is_finite() || w < 0.0) {
         return Err(PlanError::Invalid("rebound reference must be finite and >= 0"));
+    }
+    if !req.prior_rebound_w.is_empty() && req.rebound_reference_w.is_none() {
+        return Err(PlanError::Invalid("a prior rebound needs a rebound reference"));
     }
     if req.prior_rebound_w.len() > PRIOR_REBOUND_SLOTS_MAX
         || req.prior_rebound_w.iter().any(|w| !w.is_finite() || *w < 0.0)

@@ -35,6 +35,8 @@ pub struct Scenario {
     pub events: Vec<EventSpec>,
     #[serde(default)]
     pub run: RunSpec,
+    #[serde(default)]
+    pub engine: EngineSpec,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -165,6 +167,15 @@ impl Default for RunSpec {
     }
 }
 
+/// Settings for the in-process engine that differ from its defaults (a served engine keeps its own).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSpec {
+    /// What the rebound cap is a share of: "delivered_peak" (the default) or "peak_target", as the engine's
+    /// `engine.rebound_reference`.
+    pub rebound_reference: Option<String>,
+}
+
 /// Weekday names a repeated event may skip.
 pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
@@ -288,6 +299,9 @@ impl Scenario {
         if self.run.submit_lead_min > 24 * 60 {
             return bad("run.submit_lead_min", "must be 0..=1440");
         }
+        if self.engine.rebound_reference.as_deref().is_some_and(|r| r != "delivered_peak" && r != "peak_target") {
+            return bad("engine.rebound_reference", "must be \"delivered_peak\" or \"peak_target\"");
+        }
         Ok(())
     }
 }
@@ -393,6 +407,8 @@ deferral_min_max = 20
             (format!("{GOOD}{}", trip.replace("at = ", "when = ")), "unknown field `when`"),
             (format!("{GOOD}[run]\nspeed = 0.5\n"), "t.toml:19: run.speed"),
             (format!("{GOOD}[run]\ngateways = 0\n"), "t.toml:19: run.gateways"),
+            (format!("{GOOD}[engine]\nrebound_reference = \"target\"\n"), "t.toml:19: engine.rebound_reference"),
+            (format!("{GOOD}[engine]\nrebound_fraction_max = 1.0\n"), "unknown field `rebound_fraction_max`"),
             (format!("{GOOD}[baseline]\nsource = \"moon\"\n"), "unknown variant `moon`"),
             (format!("{GOOD}[baseline]\nsource = \"pickup\"\ndata = \"x.csv\"\n"), "missing field `event_id`"),
             (GOOD.replace("[[event]]", "[[evnt]]"), "unknown field `evnt`"),

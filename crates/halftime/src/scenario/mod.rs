@@ -230,6 +230,9 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
     let speed = opts.speed.unwrap_or(if opts.server.is_some() { 1.0 } else { scenario.run.speed });
     let mut config = Config::default();
     config.fit_to_clock_speed(speed);
+    if let Some(r) = &scenario.engine.rebound_reference {
+        config.engine.rebound_reference = r.clone();
+    }
     let regions = config.region_set()?;
     let system_caps = config.engine_config()?.system_caps;
     let population = Population::generate(&scenario.population, &regions, scenario.seed).map_err(anyhow::Error::msg)?;
