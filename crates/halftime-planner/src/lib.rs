@@ -428,7 +428,8 @@ fn solve_lp<S: good_lp::Solver>(
     let mut capacity: Vec<Expression> = (0..columns.len()).map(|_| Expression::with_capacity(64)).collect();
     // The first slot with the peak target, and the plan's expected net reduction in it (no allowances): what the
     // rebound cap is a share of when the request gives no reference.
-    let peak_slot = req.target_w.iter().position(|&w| w >= peak_target_w).unwrap_or(0) as u32;
+    let peak_slot = (req.rebound_reference_w.is_none() && peak_slot_cap)
+        .then(|| req.target_w.iter().position(|&w| w >= peak_target_w).unwrap_or(0) as u32);
     let mut peak_expected = Expression::with_capacity(columns.len() * 4);
     let mut responses = Responses::new(req.randomize_start_s);
     for (j, col) in columns.iter().enumerate() {
@@ -449,7 +450,7 @@ fn solve_lp<S: good_lp::Solver>(
                 for (t, shed) in (s..horizon).zip(&response.shed) {
                     if shed.abs() >= RESPONSE_COEFFICIENT_MIN {
                         net[t as usize].add_mul(coefficient(t, *shed), v);
-                        if t == peak_slot {
+                        if Some(t) == peak_slot {
                             peak_expected.add_mul(r_kw * shed, v);
                         }
                     }
@@ -457,7 +458,7 @@ fn solve_lp<S: good_lp::Solver>(
                 for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
                     if *payback >= RESPONSE_COEFFICIENT_MIN {
                         net[t as usize].add_mul(coefficient(t, -payback), v);
-                        if t == peak_slot {
+                        if Some(t) == peak_slot {
                             peak_expected.add_mul(-r_kw * payback, v);
                         }
                     }
@@ -485,8 +486,8 @@ fn solve_lp<S: good_lp::Solver>(
     // minute more fully than the rest, which is the reduction the rule is a share of. The expectation, not less
     // its allowance: the delivery allowance already plans above it, and the rebound's allowance is what keeps
     // the rule when appliances scatter.
-    let peak = (req.rebound_reference_w.is_none() && peak_slot_cap && peak_target_w > 0.0)
-        .then(|| vars.add(variable().min(0.0).max(peak_target_w / 1e3)));
+    let peak =
+        peak_slot.filter(|_| peak_target_w > 0.0).map(|_| vars.add(variable().min(0.0).max(peak_target_w / 1e3)));
     let n_variables = starts.len() + shortfall.len() + usize::from(even_shortfall) + usize::from(peak.is_some());
     let mut problem = vars.minimise(objective).using(solver);
     if let Some(f) = short_fraction {
