@@ -65,8 +65,9 @@ pub struct EngineConfig {
     pub plans_in_flight_max: usize,
 }
 
-/// What an event's rebound cap is a fraction of.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What an event's rebound cap is a fraction of (`"delivered_peak"` or `"peak_target"` in a config file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReboundReference {
     /// The peak reduction the plan delivers (at most the peak target): where a plan falls short, its rebound
     /// shrinks with it. Every kWh shed comes back, so a fleet that cannot push its payback past the next hours

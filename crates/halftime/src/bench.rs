@@ -171,7 +171,7 @@ async fn one_size(
     // The load generator measures the dispatch path. Its flat 10-minute targets on a few thousand appliances
     // could not hold their rebound to a share of what they deliver and would plan nothing; against the target
     // they plan as a large fleet does.
-    config.engine.rebound_reference = "peak_target".into();
+    config.engine.rebound_reference = halftime_engine::ReboundReference::PeakTarget;
     let regions = config.region_set()?;
     let appliances = population(scenario, &regions, n)?;
     let mut region_codes: Vec<String> = appliances.iter().map(|a| regions.code(a.region).to_string()).collect();

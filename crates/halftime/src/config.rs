@@ -37,8 +37,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSection {
     pub rebound_fraction_max: f64,
-    /// "delivered_peak" or "peak_target".
-    pub rebound_reference: String,
+    pub rebound_reference: ReboundReference,
     pub rebound_sigmas: f64,
     pub delivery_sigmas: f64,
     pub fairness_window_days: u32,
@@ -111,11 +110,7 @@ impl Default for EngineSection {
         let e = EngineConfig::default();
         Self {
             rebound_fraction_max: e.rebound_fraction_max,
-            rebound_reference: match e.rebound_reference {
-                ReboundReference::DeliveredPeak => "delivered_peak",
-                ReboundReference::PeakTarget => "peak_target",
-            }
-            .to_owned(),
+            rebound_reference: e.rebound_reference,
             rebound_sigmas: e.rebound_sigmas,
             delivery_sigmas: e.delivery_sigmas,
             fairness_window_days: e.fairness_window_days,
@@ -208,13 +203,6 @@ impl Config {
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         let e = &self.engine;
         anyhow::ensure!((0.0..=1.0).contains(&e.rebound_fraction_max), "engine.rebound_fraction_max: must be in 0..=1");
-        let rebound_reference = match e.rebound_reference.as_str() {
-            "delivered_peak" => ReboundReference::DeliveredPeak,
-            "peak_target" => ReboundReference::PeakTarget,
-            other => {
-                anyhow::bail!("engine.rebound_reference: {other:?}: must be \"delivered_peak\" or \"peak_target\"")
-            }
-        };
         anyhow::ensure!((0.0..=10.0).contains(&e.rebound_sigmas), "engine.rebound_sigmas: must be in 0..=10");
         anyhow::ensure!((0.0..=10.0).contains(&e.delivery_sigmas), "engine.delivery_sigmas: must be in 0..=10");
         anyhow::ensure!(e.fairness_window_days >= 1, "engine.fairness_window_days: must be >= 1");
@@ -243,7 +231,7 @@ impl Config {
             regions: self.region_set()?,
             system_caps,
             rebound_fraction_max: e.rebound_fraction_max,
-            rebound_reference,
+            rebound_reference: e.rebound_reference,
             rebound_sigmas: e.rebound_sigmas,
             delivery_sigmas: e.delivery_sigmas,
             fairness_window_days: e.fairness_window_days,
@@ -336,7 +324,7 @@ mod tests {
         let e = Config::parse("[engine]\nrebound_fraction_max = 2.0").unwrap_err().to_string();
         assert!(e.contains("engine.rebound_fraction_max"), "{e}");
         let e = Config::parse("[engine]\nrebound_reference = \"target\"").unwrap_err().to_string();
-        assert!(e.contains("engine.rebound_reference") && e.contains("peak_target"), "{e}");
+        assert!(e.contains("line 2") && e.contains("rebound_reference") && e.contains("`peak_target`"), "{e}");
         assert!(Config::parse("").is_ok());
         let e = Config::parse("[clock]\nspeed = 0.5").unwrap_err().to_string();
         assert!(e.contains("clock.speed"), "{e}");

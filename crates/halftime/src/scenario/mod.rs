@@ -231,7 +231,8 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
     let mut config = Config::default();
     config.fit_to_clock_speed(speed);
     if let Some(r) = &scenario.engine.rebound_reference {
-        config.engine.rebound_reference = r.clone();
+        // The scenario's parser accepted only the engine's names.
+        config.engine.rebound_reference = toml::Value::String(r.clone()).try_into()?;
     }
     let regions = config.region_set()?;
     let system_caps = config.engine_config()?.system_caps;
