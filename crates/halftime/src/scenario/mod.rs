@@ -185,33 +185,26 @@ impl Baseline {
 
 /// Stretches of virtual time the run lives through: from a few minutes before each event is submitted to
 /// `tail_min` after it ends, merged where they overlap. Each stretch is whole minutes from its first event's
-/// start, so that report minutes line up with the event's slots. The clock jumps over the gaps, but never over
-/// a command: a stretch the clock jumps from lasts until its events' last deferral can have ended (one may
-/// start up to `deferral_min_max` after the event, to absorb payback, and run as long again; a device that
-/// wakes after its window refuses the command).
+/// start, so that report minutes line up with the event's slots. The clock jumps over the gaps, and the run
+/// ends after the last stretch, but never before every command has run its course: a stretch lasts until its
+/// events' last deferral can have ended (one may start up to `deferral_min_max` after the event, to absorb
+/// payback, and run as long again). Ending sooner would release the late deferrals early, when the links shut
+/// down, and show a rebound the plan never made.
 pub fn windows(events: &[PlannedEvent], lead_min: u32, tail_min: u32) -> Vec<(i64, i64)> {
-    // (from, to, until the last deferral has ended).
-    let mut out: Vec<(i64, i64, i64)> = Vec::new();
+    let mut out: Vec<(i64, i64)> = Vec::new();
     for e in events {
         let lead = if e.announced { i64::from(lead_min) } else { 0 };
         let from = e.start_unix_ms - (lead + 3) * MS_PER_MIN;
-        let to = e.end_unix_ms() + i64::from(tail_min) * MS_PER_MIN;
+        let tail = e.end_unix_ms() + i64::from(tail_min) * MS_PER_MIN;
         let held = e.end_unix_ms() + (2 * i64::from(e.deferral_min_max) + 1) * MS_PER_MIN;
+        let to = tail.max(held);
         match out.last_mut() {
-            Some(last) if from <= last.1.max(last.2) => {
-                last.1 = last.1.max(last.2).max(to);
-                last.2 = last.2.max(held);
-            }
-            _ => {
-                if let Some(last) = out.last_mut() {
-                    last.1 = last.1.max(last.2);
-                }
-                out.push((from, to, held));
-            }
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => out.push((from, to)),
         }
     }
     out.into_iter()
-        .map(|(from, to, _)| {
+        .map(|(from, to)| {
             let minutes = (to - from + MS_PER_MIN - 1) / MS_PER_MIN;
             (from, from + minutes * MS_PER_MIN)
         })
@@ -745,9 +738,10 @@ mod tests {
         // Announced 2 minutes ahead, 3 minutes before that; the clock jumps after it, so it lasts until the
         // second event's last 20-minute deferral can have ended (one may start 20 minutes after the event).
         assert_eq!(w[0], (t - 5 * MS_PER_MIN, t + 56 * MS_PER_MIN));
-        // The last one: 15 minutes after its event's end.
-        assert_eq!(w[1], (t + day - 5 * MS_PER_MIN, t + day + 25 * MS_PER_MIN));
-        // A trip is not announced.
-        assert_eq!(windows(&[event(t, 1, false)], 10, 0), vec![(t - 3 * MS_PER_MIN, t + MS_PER_MIN)]);
+        // The last one too lasts until its deferrals can have ended, not just 15 minutes after its event's end:
+        // the links shut down after it, and would release them early.
+        assert_eq!(w[1], (t + day - 5 * MS_PER_MIN, t + day + 51 * MS_PER_MIN));
+        // A trip is not announced; a tail longer than its deferrals can run decides the end.
+        assert_eq!(windows(&[event(t, 1, false)], 10, 60), vec![(t - 3 * MS_PER_MIN, t + 61 * MS_PER_MIN)]);
     }
 }
