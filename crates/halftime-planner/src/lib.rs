@@ -27,6 +27,7 @@ pub use cohort::{
 
 use good_lp::{Expression, ProblemVariables, Solution, SolverModel, Variable, variable};
 use halftime_core::ApplianceClass;
+use halftime_core::appliance::Timing;
 use halftime_core::physics::{Response, expected_response, expected_response_overridden, override_chance};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -35,9 +36,14 @@ use std::time::Instant;
 pub const N_START_SLOTS_MAX: usize = 60;
 /// Most cohorts one plan may consider.
 pub const N_COHORTS_MAX: usize = 100_000;
-/// Slots after the last possible start over which the rebound cap is enforced. Payback that spreads further
-/// (EV sessions) is thin and still shows in the evaluation.
+/// Slots after the last possible start over which the rebound cap is enforced in every slot, at least: longer
+/// if a deferral released later still has a thermostat's payback to run (a water heater may wait two hours).
 pub const REBOUND_HORIZON_TAIL_SLOTS: u32 = 90;
+/// Beyond those, out to the end of the longest payback (EV sessions end up to four hours after release), the cap
+/// is enforced every this many slots. Only the tails of cycles and charging sessions land there, and those
+/// change slowly in expectation (an appliance's payback steps up at its release, which is inside the rows
+/// enforced every slot). Without them a deferral released near the horizon paid back unseen by the LP.
+pub const REBOUND_FAR_TAIL_STRIDE_SLOTS: u32 = 5;
 /// Longest prior rebound a request may carry: a day of slots (EV payback runs for hours, not days).
 pub const PRIOR_REBOUND_SLOTS_MAX: usize = 24 * 60;
 /// Penalty per kW-slot of shortfall: far above the cost of any deferral, so the target is met when it can be.
@@ -368,7 +374,23 @@ fn solve_lp<S: good_lp::Solver>(
     let tail_starts = columns.iter().flat_map(|c| c.deferral_options_min.first().copied()).max().unwrap_or(0);
     let n_start_slots = n_slots + tail_starts;
     let start_step = (n_start_slots as usize).div_ceil(N_START_SLOTS_MAX).max(1);
-    let horizon = n_start_slots + REBOUND_HORIZON_TAIL_SLOTS;
+    let mut responses = Responses::new(req.randomize_start_s);
+    // After the last start: when the last payback ends, and when the last that can step up (a release, or a
+    // thermostat making back its shed flat out) ends.
+    let (mut payback_end, mut steps_end) = (0, REBOUND_HORIZON_TAIL_SLOTS);
+    for col in columns {
+        let thermostat = matches!(col.key.class.profile().timing, Timing::Thermostat { .. });
+        for &d in &col.deferral_options_min {
+            let response = responses.get(col.key.class, d, col.override_rate);
+            let end = d + response.payback.len() as u32;
+            payback_end = payback_end.max(end);
+            steps_end = steps_end.max(if thermostat { end } else { d + 1 });
+        }
+    }
+    let near_horizon = n_start_slots + steps_end;
+    let horizon = near_horizon.max(n_start_slots + payback_end);
+    // Slots with a row: every one up to the near horizon, then every few.
+    let is_row = |t: u32| t < near_horizon || (t - near_horizon).is_multiple_of(REBOUND_FAR_TAIL_STRIDE_SLOTS);
     let peak_target_w = req.rebound_reference_w.unwrap_or_else(|| req.target_w.iter().copied().fold(0.0, f64::max));
     let rebound_cap_kw = req.rebound_fraction_max * peak_target_w / 1e3;
 
@@ -431,7 +453,6 @@ fn solve_lp<S: good_lp::Solver>(
     let peak_slot = (req.rebound_reference_w.is_none() && peak_slot_cap)
         .then(|| req.target_w.iter().position(|&w| w >= peak_target_w).unwrap_or(0) as u32);
     let mut peak_expected = Expression::with_capacity(columns.len() * 4);
-    let mut responses = Responses::new(req.randomize_start_s);
     for (j, col) in columns.iter().enumerate() {
         let profile = col.key.class.profile();
         let weight = profile.discomfort_weight * BURDEN_BAND_WEIGHTS[usize::from(col.key.burden_band)];
@@ -448,7 +469,7 @@ fn solve_lp<S: good_lp::Solver>(
                 // Cost: kW-minutes of discomfort, plus a tie-break towards shorter deferrals.
                 objective.add_mul(weight * r_kw * f64::from(d) + 1e-6 * f64::from(d), v);
                 for (t, shed) in (s..horizon).zip(&response.shed) {
-                    if shed.abs() >= RESPONSE_COEFFICIENT_MIN {
+                    if shed.abs() >= RESPONSE_COEFFICIENT_MIN && is_row(t) {
                         net[t as usize].add_mul(coefficient(t, *shed), v);
                         if Some(t) == peak_slot {
                             peak_expected.add_mul(r_kw * shed, v);
@@ -456,7 +477,7 @@ fn solve_lp<S: good_lp::Solver>(
                     }
                 }
                 for (t, payback) in ((s + d)..horizon).zip(&response.payback) {
-                    if *payback >= RESPONSE_COEFFICIENT_MIN {
+                    if *payback >= RESPONSE_COEFFICIENT_MIN && is_row(t) {
                         net[t as usize].add_mul(coefficient(t, -payback), v);
                         if Some(t) == peak_slot {
                             peak_expected.add_mul(-r_kw * payback, v);
@@ -499,6 +520,9 @@ fn solve_lp<S: good_lp::Solver>(
         problem.add_constraint((peak_expected - peak).geq(0.0));
     }
     for (t, mut expr) in net.into_iter().enumerate() {
+        if !is_row(t as u32) {
+            continue;
+        }
         if t < n_slots as usize {
             expr.add_mul(1.0, shortfall[t]);
             problem.add_constraint(expr.geq(required_kw[t]));

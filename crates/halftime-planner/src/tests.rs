@@ -211,6 +211,29 @@ fn an_unmeetable_target_falls_short_evenly() {
     assert!(rebound_w > 0.0 && rebound_w <= 0.1 * peak_w * 1.02, "rebound {rebound_w} W, peak reduction {peak_w} W");
 }
 
+/// A deferral longer than the slots the cap is checked in every minute (a water heater may wait two hours) pays
+/// back past them: the cap must hold there too, or the LP hides payback in the slots it does not look at.
+#[test]
+fn payback_past_the_near_horizon_stays_under_the_cap() {
+    let cohorts = vec![
+        cohort(0, ApplianceClass::WaterHeater, 8, 0, 3_000),
+        cohort(0, ApplianceClass::Fridge, 4, 0, 10_000),
+        cohort(0, ApplianceClass::EvCharger, 6, 0, 1_000),
+    ];
+    let mut req = request(&[300.0; 20], cohorts);
+    req.deferral_min_max = 120;
+    let plan = plan(&req).unwrap();
+    let e = &plan.evaluation;
+    let peak_w = e.expected_w.iter().copied().fold(0.0, f64::max);
+    let cap_w = 0.1 * peak_w.min(300e3);
+    let (t_max, rebound_w) =
+        e.rebound_w.iter().copied().enumerate().fold((0, 0.0), |a, (t, r)| if r > a.1 { (t, r) } else { a });
+    assert!(peak_w > 0.0);
+    // Each allocation is rounded up to whole appliances, and a few of them are chargers (a 30 kW cap is four
+    // chargers' payback). Without the rows past the horizon the rebound was 5 times the cap.
+    assert!(rebound_w <= cap_w * 1.35, "slot {t_max}: rebound {rebound_w:.0} W over the cap {cap_w:.0} W");
+}
+
 #[test]
 fn the_greedy_reference_meets_the_target_with_the_largest_appliances_first() {
     let classes =
