@@ -9,6 +9,7 @@
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use halftime_core::{ApplianceClass, RegionId, RegionSet};
+use halftime_engine::EngineConfig;
 use halftime_planner::{
     Allocation, Cohort, CohortKey, Evaluation, LpSolver, PlanRequest, budget_band, evaluate, greedy, plan_with,
 };
@@ -44,16 +45,18 @@ fn pickup_w(n_slots: usize, peak_w: f64) -> Vec<f64> {
 
 fn lp(c: &mut Criterion) {
     let mut g = c.benchmark_group("planner_lp");
+    // The engine's own allowances, so the figures are those of the plans it makes.
+    let engine = EngineConfig::default();
     g.sample_size(10);
     for (n_slots, n_budget_bands) in [(10usize, 1u8), (20, 2), (30, 3)] {
         let req = PlanRequest {
             target_w: pickup_w(n_slots, 1e8),
             cohorts: synthetic_cohorts(14, n_budget_bands),
-            rebound_fraction_max: 0.1,
+            rebound_fraction_max: engine.rebound_fraction_max,
             rebound_reference_w: None,
             prior_rebound_w: Vec::new(),
-            rebound_sigmas: 2.0,
-            delivery_sigmas: 1.5,
+            rebound_sigmas: engine.rebound_sigmas,
+            delivery_sigmas: engine.delivery_sigmas,
             deferral_min_max: 30,
             randomize_start_s: 30,
         };
@@ -136,6 +139,7 @@ fn quality(req: &PlanRequest, allocations: &[Allocation], e: &Evaluation) -> Qua
 
 fn vs_greedy(c: &mut Criterion) {
     let mut g = c.benchmark_group("planner_vs_greedy");
+    let engine = EngineConfig::default();
     g.sample_size(10);
     eprintln!(
         "{:<9} {:>11} {:>8} {:>12} {:>12} {:>10} {:>7} {:>14}",
@@ -147,11 +151,11 @@ fn vs_greedy(c: &mut Criterion) {
         let req = PlanRequest {
             target_w: pickup_w(20, expected_w * 0.25),
             cohorts,
-            rebound_fraction_max: 0.1,
+            rebound_fraction_max: engine.rebound_fraction_max,
             rebound_reference_w: None,
             prior_rebound_w: Vec::new(),
-            rebound_sigmas: 2.0,
-            delivery_sigmas: 1.5,
+            rebound_sigmas: engine.rebound_sigmas,
+            delivery_sigmas: engine.delivery_sigmas,
             deferral_min_max: 20,
             randomize_start_s: 30,
         };
