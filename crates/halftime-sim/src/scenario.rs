@@ -155,7 +155,8 @@ pub struct RunSpec {
     pub speed: f64,
     /// Gateway links the simulated devices are spread over.
     pub gateways: u32,
-    /// Minutes to keep running after each event's window (rebound and completion).
+    /// Minutes to keep running after each event's window (rebound and completion); the run keeps going longer
+    /// where the event's last deferral can still be running.
     pub tail_min: u32,
     /// Minutes before its start that an announced event is submitted (trips are never announced).
     pub submit_lead_min: u32,
