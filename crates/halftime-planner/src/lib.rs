@@ -342,6 +342,10 @@ pub fn plan_with(req: &PlanRequest, solver: LpSolver) -> Result<Plan, PlanError>
 /// A column given fewer appliances than this by the LP, over all its starts, is dropped, not rounded up (see
 /// [`round_and_split`]).
 const SLIVER_MAX: f64 = 0.5;
+/// A class given fewer appliances than this by the LP, over all its columns and starts, and fewer than
+/// [`CLASS_SLIVER_SHARE_MAX`] of its eligible appliances, is dropped too.
+const CLASS_SLIVER_MAX: f64 = 1.5;
+const CLASS_SLIVER_SHARE_MAX: f64 = 0.01;
 
 /// Response coefficients below this share of an appliance's expected reduction are left out of the LP: they
 /// change nothing a plan can see and make the simplex slower and worse conditioned. `evaluate` keeps them all.
@@ -591,17 +595,28 @@ fn round_and_split(
 ) -> Vec<Allocation> {
     let mut left_in_column: Vec<u32> = columns.iter().map(|c| c.n_appliances).collect();
     let mut column_total = vec![0.0; columns.len()];
+    let mut class_total = [0.0; halftime_core::appliance::N_CLASSES];
+    let mut class_n = [0.0; halftime_core::appliance::N_CLASSES];
     for (&(j, _, _), &x) in starts.iter().zip(values) {
         column_total[j] += x;
+        class_total[columns[j].key.class.index()] += x;
     }
+    for col in columns {
+        class_n[col.key.class.index()] += f64::from(col.n_appliances);
+    }
+    let class_used = |c: usize| class_total[c] >= CLASS_SLIVER_MAX.min(CLASS_SLIVER_SHARE_MAX * class_n[c]);
     let mut left_in_cohort: Vec<u32> = req.cohorts.iter().map(|c| c.n_appliances).collect();
     let mut out = Vec::new();
     for (&(j, s, d), &x) in starts.iter().zip(values) {
         // Rounding up keeps the target met (a hair of solver noise is not an appliance). A column the LP gives
         // less than half an appliance in all is dropped: the simplex leaves such slivers on classes it barely
         // uses (0.4 of a dishwasher), and rounded up they became real deferrals, so over a season a handful of
-        // households of a rarely used class carried all of its burden. The delivery allowance covers it.
-        let want = if x > 0.05 && column_total[j] >= SLIVER_MAX { (x - 0.05).ceil() as u32 } else { 0 };
+        // households of a rarely used class carried all of its burden. The delivery allowance covers it. So is
+        // a class given less than one and a half appliances in all where it has thousands eligible: rounded up,
+        // it was one household deferred once in a season among thousands enrolled alike (a tumble dryer: Jain
+        // 0.0008 among 1,190). Among a few dozen, one at a time is a fair turn.
+        let used = column_total[j] >= SLIVER_MAX && class_used(columns[j].key.class.index());
+        let want = if x > 0.05 && used { (x - 0.05).ceil() as u32 } else { 0 };
         let n = want.min(left_in_column[j]);
         if n == 0 {
             continue;

@@ -270,21 +270,23 @@ fn the_plan_provisions_for_the_devices_random_start_offset() {
 }
 
 /// LP values are rounded up to whole appliances, except in a column the LP gives under half an appliance in
-/// all, which is dropped.
+/// all, or in a class it gives under one and a half where it has hundreds eligible, which are dropped.
 #[test]
 fn rounding_drops_slivers_and_rounds_the_rest_up() {
     let classes = [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::Dishwasher];
-    let req = request(&[10.0], classes.iter().map(|&c| cohort(0, c, 6, 0, 100)).collect());
-    let columns = columns(&req);
-    let n_of = |starts: &[(usize, u32, u32)], values: &[f64]| -> Vec<u32> {
-        let allocations = round_and_split(&req, &columns, starts, values);
+    let n_of = |n: u32, starts: &[(usize, u32, u32)], values: &[f64]| -> Vec<u32> {
+        let req = request(&[10.0], classes.iter().map(|&c| cohort(0, c, 6, 0, n)).collect());
+        let allocations = round_and_split(&req, &columns(&req), starts, values);
         (0..req.cohorts.len()).map(|i| allocations.iter().filter(|a| a.cohort == i).map(|a| a.n).sum()).collect()
     };
     let one_each = [(0, 0, 10), (1, 0, 10), (2, 0, 10)];
-    assert_eq!(n_of(&one_each, &[0.4, 2.3, 0.6]), vec![0, 3, 1]);
-    assert_eq!(n_of(&one_each, &[0.49, 1.04, 250.0]), vec![0, 1, 100]);
+    // A hundred of each class: a class needs one appliance in all (1 %) to be used.
+    assert_eq!(n_of(100, &one_each, &[0.4, 2.3, 0.6]), vec![0, 3, 0]);
+    assert_eq!(n_of(100, &one_each, &[0.49, 1.04, 250.0]), vec![0, 1, 100]);
     // Slivers in a column that is used: each rounds up.
-    assert_eq!(n_of(&[(0, 0, 10), (0, 1, 10), (1, 0, 10)], &[0.3, 0.3, 0.2]), vec![2, 0, 0]);
+    assert_eq!(n_of(100, &[(0, 0, 10), (0, 1, 10), (1, 0, 10)], &[0.3, 0.7, 0.2]), vec![2, 0, 0]);
+    // Thousands of each: one and a half.
+    assert_eq!(n_of(5_000, &one_each, &[0.49, 1.04, 1.6]), vec![0, 0, 2]);
 }
 
 #[test]
