@@ -37,6 +37,16 @@ async fn the_small_scenario_runs_to_completion_and_its_report_holds_the_invarian
     for m in &report.minutes {
         assert!((m.delivered_mw - m.rebound_mw - (m.shed_mw - m.payback_mw)).abs() < 1e-9, "{}", m.t);
     }
+    // The one event's stretch is the whole run: its rebound is the run's.
+    let e = &report.events[0];
+    assert!(
+        (e.rebound_peak_mw - report.rebound_peak_fraction * report.peak_delivered_mw).abs() < 1e-9
+            && (e.rebound_peak_fraction - report.rebound_peak_fraction).abs() < 1e-9,
+        "event {} MW {}, run {}\n{text}",
+        e.rebound_peak_mw,
+        e.rebound_peak_fraction,
+        report.rebound_peak_fraction
+    );
     assert!(report.jain_burden > 0.0 && report.jain_burden <= 1.0);
     assert!(report.latency_ms.plan_ready > 0.0 && report.latency_ms.all_queued >= report.latency_ms.plan_ready);
     assert!(report.latency_ms.ack_p99.is_some(), "no acknowledgements seen");

@@ -147,6 +147,12 @@ pub struct EventSummary {
     pub all_queued_ms: f64,
     pub submit_rpc_ms: f64,
     pub shortfall_mwh: f64,
+    /// Largest net rise above baseline in the event's stretch of the run (its tail of late payback included),
+    /// MW, when it came, and its share of the stretch's peak delivered reduction. Overlapping events share a
+    /// stretch, and these.
+    pub rebound_peak_mw: f64,
+    pub rebound_peak_at: String,
+    pub rebound_peak_fraction: f64,
     pub acks: AckTimes,
 }
 
@@ -269,6 +275,8 @@ pub fn build(i: &Inputs<'_>) -> Report {
         }
     }
     let suppliable = suppliable_w(i);
+    // Per stretch: (largest net rise, W; its time; peak delivered reduction, W).
+    let mut by_window_rise: Vec<(f64, i64, f64)> = Vec::with_capacity(i.windows.len());
     let mut k = 0;
     for (w, &(from, to)) in i.windows.iter().enumerate() {
         let n = ((to - from) / MS_PER_MIN) as usize;
@@ -279,6 +287,14 @@ pub fn build(i: &Inputs<'_>) -> Report {
         payback_after_w_min += payback[n..].iter().sum::<f64>();
         shed_after_w_min += shed[n..].iter().sum::<f64>();
         net_rise_max_w = shed.iter().zip(&payback).map(|(s, p)| p - s).fold(net_rise_max_w, f64::max);
+        let (rise_m, rise_w) = shed
+            .iter()
+            .zip(&payback)
+            .map(|(s, p)| p - s)
+            .enumerate()
+            .fold((0, 0.0), |best, (m, x)| if x > best.1 { (m, x) } else { best });
+        let peak_w = shed[..n].iter().zip(&payback[..n]).map(|(s, p)| s - p).fold(0.0, f64::max);
+        by_window_rise.push((rise_w, from + rise_m as i64 * MS_PER_MIN, peak_w));
         for m in 0..n {
             let t = from + m as i64 * MS_PER_MIN;
             let slot = |start: i64, v: &[f64]| {
@@ -327,7 +343,12 @@ pub fn build(i: &Inputs<'_>) -> Report {
     let events: Vec<EventSummary> = i
         .events
         .iter()
-        .map(|e| EventSummary {
+        .map(|e| {
+            let w = i.windows.partition_point(|(from, _)| *from <= e.plan.start_unix_ms).saturating_sub(1);
+            let (rise_w, rise_at, peak_w) = by_window_rise.get(w).copied().unwrap_or((0.0, 0, 0.0));
+            (e, rise_w, rise_at, peak_w)
+        })
+        .map(|(e, rise_w, rise_at, peak_w)| EventSummary {
             event_id: e.event_id,
             label: e.label.clone(),
             start: format_utc(e.plan.start_unix_ms),
@@ -341,6 +362,9 @@ pub fn build(i: &Inputs<'_>) -> Report {
             all_queued_ms: e.plan.queued_us as f64 / 1e3,
             submit_rpc_ms: e.submit_rpc_ms,
             shortfall_mwh: e.plan.shortfall_kw.iter().sum::<f64>() / 1e3 / 60.0,
+            rebound_peak_mw: rise_w / 1e6,
+            rebound_peak_at: format_utc(rise_at),
+            rebound_peak_fraction: if peak_w > 0.0 { rise_w / peak_w } else { 0.0 },
             acks: e.acks.clone(),
         })
         .collect();
@@ -655,12 +679,12 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "\n## Events\n\n| event | start | slots | peak target MW | appliances | households | LP ms | shortfall MWh |\n|---|---|---:|---:|---:|---:|---:|---:|"
+        "\n## Events\n\nThe rebound columns are over the event's stretch of the run, its late payback included.\n\n| event | start | slots | peak target MW | appliances | households | LP ms | shortfall MWh | largest net rise MW | at | / stretch's peak reduction |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
     );
     for e in &r.events {
         let _ = writeln!(
             s,
-            "| {} {} | {} | {} | {:.3} | {} | {} | {:.1} | {:.4} |",
+            "| {} {} | {} | {} | {:.3} | {} | {} | {:.1} | {:.4} | {:.4} | {} | {:.1} % |",
             e.event_id,
             e.label,
             e.start,
@@ -669,7 +693,10 @@ fn markdown(r: &Report) -> String {
             e.n_appliances,
             e.n_households,
             e.lp_solve_ms,
-            e.shortfall_mwh
+            e.shortfall_mwh,
+            e.rebound_peak_mw,
+            e.rebound_peak_at,
+            100.0 * e.rebound_peak_fraction
         );
     }
     let _ = writeln!(
