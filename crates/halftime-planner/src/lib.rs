@@ -612,7 +612,7 @@ fn round_and_split(
         // less than half an appliance in all is dropped: the simplex leaves such slivers on classes it barely
         // uses (0.4 of a dishwasher), and rounded up they became real deferrals, so over a season a handful of
         // households of a rarely used class carried all of its burden. The delivery allowance covers it. So is
-        // a class given less than one and a half appliances in all where it has thousands eligible: rounded up,
+        // a class given less than one and a half appliances in all where it has hundreds eligible: rounded up,
         // it was one household deferred once in a season among thousands enrolled alike (a tumble dryer: Jain
         // 0.0008 among 1,190). Among a few dozen, one at a time is a fair turn.
         let used = column_total[j] >= SLIVER_MAX && class_used(columns[j].key.class.index());

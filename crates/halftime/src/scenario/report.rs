@@ -266,7 +266,6 @@ pub fn build(i: &Inputs<'_>) -> Report {
     let mut minutes = Vec::new();
     let mut payback_after_w_min = 0.0;
     let mut shed_after_w_min = 0.0;
-    let mut net_rise_max_w = 0.0f64;
     let mut by_window: Vec<Vec<&Applied>> = vec![Vec::new(); i.windows.len()];
     for a in i.applied {
         let w = i.windows.partition_point(|(from, _)| *from <= a.start_unix_ms).saturating_sub(1);
@@ -286,7 +285,6 @@ pub fn build(i: &Inputs<'_>) -> Report {
         }
         payback_after_w_min += payback[n..].iter().sum::<f64>();
         shed_after_w_min += shed[n..].iter().sum::<f64>();
-        net_rise_max_w = shed.iter().zip(&payback).map(|(s, p)| p - s).fold(net_rise_max_w, f64::max);
         let (rise_m, rise_w) = shed
             .iter()
             .zip(&payback)
@@ -327,6 +325,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             k += 1;
         }
     }
+    let net_rise_max_w = by_window_rise.iter().map(|r| r.0).fold(0.0, f64::max);
     let peak_delivered_mw = minutes.iter().map(|m| m.delivered_mw).fold(0.0, f64::max);
     let with_target: Vec<&Minute> = minutes.iter().filter(|m| m.target_mw > 0.0).collect();
     // Suppliable: within every household's limits, and within the rebound cap by the plan's own account.
@@ -343,12 +342,9 @@ pub fn build(i: &Inputs<'_>) -> Report {
     let events: Vec<EventSummary> = i
         .events
         .iter()
-        .map(|e| {
-            let w = i.windows.partition_point(|(from, _)| *from <= e.plan.start_unix_ms).saturating_sub(1);
-            let (rise_w, rise_at, peak_w) = by_window_rise.get(w).copied().unwrap_or((0.0, 0, 0.0));
-            (e, rise_w, rise_at, peak_w)
-        })
-        .map(|(e, rise_w, rise_at, peak_w)| EventSummary {
+        .map(|e| (e, i.windows.partition_point(|(from, _)| *from <= e.plan.start_unix_ms).saturating_sub(1)))
+        .map(|(e, w)| (e, by_window_rise.get(w).copied().unwrap_or((0.0, 0, 0.0))))
+        .map(|(e, (rise_w, rise_at, peak_w))| EventSummary {
             event_id: e.event_id,
             label: e.label.clone(),
             start: format_utc(e.plan.start_unix_ms),
@@ -406,7 +402,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
         shed_after_window_mwh: shed_after_w_min / 60.0 / 1e6,
         peak_delivered_mw,
         rebound_peak_fraction: if peak_delivered_mw > 0.0 {
-            net_rise_max_w.max(0.0) / 1e6 / peak_delivered_mw
+            net_rise_max_w / 1e6 / peak_delivered_mw
         } else {
             0.0
         },
