@@ -401,11 +401,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
         payback_after_window_mwh: payback_after_w_min / 60.0 / 1e6,
         shed_after_window_mwh: shed_after_w_min / 60.0 / 1e6,
         peak_delivered_mw,
-        rebound_peak_fraction: if peak_delivered_mw > 0.0 {
-            net_rise_max_w / 1e6 / peak_delivered_mw
-        } else {
-            0.0
-        },
+        rebound_peak_fraction: if peak_delivered_mw > 0.0 { net_rise_max_w / 1e6 / peak_delivered_mw } else { 0.0 },
         minutes_with_target: with_target.len(),
         shortfall_mwh: mwh(&|m| m.shortfall_mw),
         minutes_suppliable: suppliable_minutes.len(),
