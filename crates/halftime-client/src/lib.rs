@@ -81,4 +81,13 @@ pub trait Appliance: Send + Sync + 'static {
     fn defer(&self, deferral: &Deferral) -> Result<u32, String>;
     /// Resume normal operation.
     fn resume(&self, deferral: &Deferral, why: ResumeReason);
+    /// What the appliance expects to draw above its normal use once `deferral` ends at `end_unix_ms`, paying back
+    /// what it shed (a compressor running longer, the rest of a cycle or charging session running late). Asked
+    /// when the deferral starts (for its planned end) and when it ends; sent with those reports. The engine uses
+    /// it to keep an event's rebound under its cap, releasing a deferral early where the sum would go over.
+    /// `None` (the default) if the appliance cannot say: the engine then counts on its class's average.
+    fn payback(&self, deferral: &Deferral, end_unix_ms: i64) -> Option<halftime_core::Payback> {
+        let _ = (deferral, end_unix_ms);
+        None
+    }
 }

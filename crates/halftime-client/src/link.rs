@@ -7,7 +7,7 @@ use crate::clock::real_duration;
 use crate::guard::{DeviceGuard, DevicePolicy, Verdict};
 use crate::{Appliance, Deferral, ResumeReason};
 use halftime_core::time::Clock;
-use halftime_core::{ApplianceId, DeviceReport, DeviceStatus, EventId, RejectReason, SignedCommand};
+use halftime_core::{ApplianceId, DeviceReport, DeviceStatus, EventId, Payback, RejectReason, SignedCommand};
 use halftime_proto::pb;
 use halftime_proto::pb::device_link_client::DeviceLinkClient;
 use halftime_signer::TrustedKeys;
@@ -187,6 +187,21 @@ impl Outbox {
         reason: Option<RejectReason>,
         reduction_w: u32,
     ) {
+        self.report_payback(device, event, counter, status, reason, reduction_w, None);
+    }
+
+    /// A report with the appliance's payback forecast.
+    #[allow(clippy::too_many_arguments)]
+    fn report_payback(
+        &mut self,
+        device: ApplianceId,
+        event: EventId,
+        counter: u64,
+        status: DeviceStatus,
+        reason: Option<RejectReason>,
+        reduction_w: u32,
+        payback: Option<Payback>,
+    ) {
         if self.pending.len() >= PENDING_REPORTS_MAX {
             self.pending.remove(0);
             self.dropped += 1;
@@ -199,6 +214,7 @@ impl Outbox {
             reject_reason: reason,
             at_unix_ms: self.clock.now_unix_ms(),
             reduction_w,
+            payback,
         };
         self.pending.push(halftime_proto::report_to_pb(&r));
     }
@@ -428,28 +444,33 @@ impl Runtime {
                             RejectReason::ApplianceRefused
                         })
                     };
-                    let (status, reason, reduction_w) = match started {
+                    let (status, reason, reduction_w, payback) = match started {
                         Ok(reduction_w) => {
                             d.running = Some(reduction_w);
-                            (DeviceStatus::Started, None, reduction_w)
+                            let payback = d.appliance.payback(&deferral, deferral.end_unix_ms);
+                            (DeviceStatus::Started, None, reduction_w, payback)
                         }
                         Err(reason) => {
                             d.guard.clear_active();
-                            (DeviceStatus::Rejected, Some(reason), 0)
+                            (DeviceStatus::Rejected, Some(reason), 0, None)
                         }
                     };
-                    self.outbox.report(t.device, active.event, active.counter, status, reason, reduction_w);
+                    let (event, counter) = (active.event, active.counter);
+                    self.outbox.report_payback(t.device, event, counter, status, reason, reduction_w, payback);
                 }
                 TimerKind::End | TimerKind::Release => {
+                    let mut payback = None;
                     if d.running.take().is_some() {
                         let reason =
                             if t.kind == TimerKind::End { ResumeReason::Completed } else { ResumeReason::Released };
                         d.appliance.resume(&deferral, reason);
+                        payback = d.appliance.payback(&deferral, now.min(deferral.end_unix_ms));
                     }
                     d.guard.clear_active();
                     let status =
                         if t.kind == TimerKind::End { DeviceStatus::Completed } else { DeviceStatus::Released };
-                    self.outbox.report(t.device, active.event, active.counter, status, None, 0);
+                    let (event, counter) = (active.event, active.counter);
+                    self.outbox.report_payback(t.device, event, counter, status, None, 0, payback);
                 }
             }
         }
@@ -462,11 +483,16 @@ impl Runtime {
         let Some(active) = d.guard.active() else {
             return false;
         };
+        let mut payback = None;
         if d.running.take().is_some() {
-            d.appliance.resume(&deferral_of(active), ResumeReason::Overridden);
+            let deferral = deferral_of(active);
+            d.appliance.resume(&deferral, ResumeReason::Overridden);
+            let now = self.config.clock.now_unix_ms();
+            payback = d.appliance.payback(&deferral, now.min(deferral.end_unix_ms));
         }
         d.guard.clear_active();
-        self.outbox.report(device, active.event, active.counter, DeviceStatus::Overridden, None, 0);
+        let (event, counter) = (active.event, active.counter);
+        self.outbox.report_payback(device, event, counter, DeviceStatus::Overridden, None, 0, payback);
         true
     }
 }

@@ -21,5 +21,5 @@ pub use event::{EventProgress, EventRecord, EventState, PlanSummary, Priority, P
 pub use ids::{ApplianceId, EventId, HouseholdId};
 pub use limits::{Limits, QuietWindow, Reservation, ReservationCheck, Violation, audit};
 pub use region::{RegionId, RegionSet};
-pub use report::{DeviceReport, DeviceStatus, Outcome, RejectReason};
+pub use report::{DeviceReport, DeviceStatus, Outcome, Payback, RejectReason};
 pub use validate::FieldError;

@@ -100,6 +100,30 @@ pub struct DeviceReport {
     pub at_unix_ms: i64,
     /// Load shed, for `Started`.
     pub reduction_w: u32,
+    /// What the appliance expects to draw above its normal use after the deferral, paying back what it shed:
+    /// for `Started`, released at the planned end; for `Completed`, `Released` and `Overridden`, at the real end.
+    /// `None` if it cannot say.
+    pub payback: Option<Payback>,
+}
+
+/// Extra draw after a deferral: `power_w` on average over `[from_unix_ms, to_unix_ms)`. An envelope: a
+/// thermostat pays back flat out in what would have been its off-time, a paused cycle or charging session runs
+/// its rest late, as one stretch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payback {
+    pub power_w: u32,
+    pub from_unix_ms: i64,
+    pub to_unix_ms: i64,
+}
+
+impl Payback {
+    /// Longest payback a device may report: a day (an EV session paused near its start runs hours late).
+    pub const SPAN_MS_MAX: i64 = 24 * 3_600_000;
+
+    /// Energy, Wh.
+    pub fn energy_wh(&self) -> f64 {
+        f64::from(self.power_w) * (self.to_unix_ms - self.from_unix_ms).max(0) as f64 / 3_600_000.0
+    }
 }
 
 /// A status change recorded by the engine for one command (from a device report, an override, a release or

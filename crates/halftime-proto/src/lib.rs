@@ -282,11 +282,21 @@ pub fn report_to_pb(r: &DeviceReport) -> pb::StatusReport {
         reject_reason: r.reject_reason.map_or(pb::RejectReason::Unspecified, reject_to_pb) as i32,
         at_unix_ms: r.at_unix_ms,
         reduction_w: r.reduction_w,
+        payback_w: r.payback.map_or(0, |p| p.power_w),
+        payback_from_unix_ms: r.payback.map_or(0, |p| p.from_unix_ms),
+        payback_to_unix_ms: r.payback.map_or(0, |p| p.to_unix_ms),
     }
 }
 
-pub fn report_from_pb(r: &pb::StatusReport, prefix: &str) -> Result<DeviceReport, FieldError> {
-    Ok(DeviceReport {
+/// A device report; an invalid payback forecast is dropped and returned beside it, since the status it came
+/// with (an override, say) must not be lost.
+pub fn report_from_pb(r: &pb::StatusReport, prefix: &str) -> Result<(DeviceReport, Option<FieldError>), FieldError> {
+    let (payback, payback_error) =
+        match halftime_core::validate::payback(r.payback_w, r.payback_from_unix_ms, r.payback_to_unix_ms, prefix) {
+            Ok(p) => (p, None),
+            Err(e) => (None, Some(e)),
+        };
+    let report = DeviceReport {
         device: halftime_core::validate::appliance_id(r.device_id, &format!("{prefix}.device_id"))?,
         event: EventId(r.event_id),
         counter: r.counter,
@@ -294,10 +304,44 @@ pub fn report_from_pb(r: &pb::StatusReport, prefix: &str) -> Result<DeviceReport
         reject_reason: reject_from_pb(r.reject_reason),
         at_unix_ms: r.at_unix_ms,
         reduction_w: r.reduction_w,
-    })
+        payback,
+    };
+    Ok((report, payback_error))
 }
 
 /// `INVALID_ARGUMENT` naming the field.
 pub fn invalid(e: &FieldError) -> tonic::Status {
     tonic::Status::invalid_argument(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halftime_core::{ApplianceId, DeviceStatus, Payback};
+
+    fn started(payback: Option<Payback>) -> DeviceReport {
+        DeviceReport {
+            device: ApplianceId(0x42),
+            event: EventId(7),
+            counter: 9,
+            status: DeviceStatus::Started,
+            reject_reason: None,
+            at_unix_ms: 1_000,
+            reduction_w: 7_000,
+            payback,
+        }
+    }
+
+    #[test]
+    fn a_report_keeps_its_payback_and_a_bad_payback_loses_only_itself() {
+        let payback = Some(Payback { power_w: 7_000, from_unix_ms: 60_000, to_unix_ms: 120_000 });
+        for r in [started(None), started(payback)] {
+            assert_eq!(report_from_pb(&report_to_pb(&r), "reports[0]").unwrap(), (r, None));
+        }
+        let mut bad = report_to_pb(&started(payback));
+        bad.payback_to_unix_ms = bad.payback_from_unix_ms;
+        let (kept, error) = report_from_pb(&bad, "reports[3]").unwrap();
+        assert_eq!(kept, started(None));
+        assert_eq!(error.unwrap().field, "reports[3].payback_to_unix_ms");
+    }
 }

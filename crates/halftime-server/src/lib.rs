@@ -344,13 +344,27 @@ impl DeviceLink for DeviceLinkService {
                 };
                 match next {
                     Ok(Some(pb::Uplink { msg: Some(UpMsg::Reports(batch)) })) => {
+                        let mut invalid = 0u64;
                         let reports: Vec<_> = batch
                             .reports
                             .iter()
                             .take(REPORT_BATCH_MAX)
                             .enumerate()
-                            .filter_map(|(i, r)| halftime_proto::report_from_pb(r, &format!("reports[{i}]")).ok())
+                            .filter_map(|(i, r)| match halftime_proto::report_from_pb(r, &format!("reports[{i}]")) {
+                                Ok((report, None)) => Some(report),
+                                Ok((report, Some(e))) => {
+                                    invalid += 1;
+                                    tracing::debug!(error = %e, "payback forecast dropped, report kept");
+                                    Some(report)
+                                }
+                                Err(e) => {
+                                    invalid += 1;
+                                    tracing::debug!(error = %e, "device report dropped");
+                                    None
+                                }
+                            })
                             .collect();
+                        metrics::counter!("halftime_device_reports_invalid_total").increment(invalid);
                         if let Err(e) = engine.report(&reports).await {
                             tracing::error!(error = %e, "device reports");
                         }

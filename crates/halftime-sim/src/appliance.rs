@@ -51,6 +51,25 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// What this appliance will draw above its normal use if released at `end_unix_ms`: the envelope of its
+    /// payback, as it reports it to the engine.
+    pub fn payback_forecast(&self, end_unix_ms: i64) -> Option<halftime_core::Payback> {
+        let start_s = self.start_unix_ms.div_euclid(1000);
+        let end_s = (end_unix_ms.div_euclid(1000) - start_s).max(0);
+        let intervals = self.physics.payback_s(end_s);
+        let (from_s, to_s) = (intervals.first()?.0, intervals.last()?.1);
+        let on_s: i64 = intervals.iter().map(|(a, b)| b - a).sum();
+        if to_s <= from_s || on_s <= 0 {
+            return None;
+        }
+        let power_w = (f64::from(self.power_w) * on_s as f64 / (to_s - from_s) as f64).round() as u32;
+        Some(halftime_core::Payback {
+            power_w: power_w.max(1),
+            from_unix_ms: (start_s + from_s) * 1000,
+            to_unix_ms: (start_s + to_s) * 1000,
+        })
+    }
+
     /// Energy an override cost: what the appliance would still have shed between the override and the
     /// deferral's planned end, Wh. 0 if it was not overridden.
     pub fn override_lost_wh(&self) -> f64 {
@@ -217,6 +236,12 @@ impl Appliance for SimAppliance {
         Ok(reduction_w)
     }
 
+    fn payback(&self, d: &Deferral, end_unix_ms: i64) -> Option<halftime_core::Payback> {
+        let log = self.log.applied.lock().unwrap_or_else(|e| e.into_inner());
+        let index = log.latest.get(&(self.device, d.event)).copied()?;
+        log.entries.get(index)?.payback_forecast(end_unix_ms)
+    }
+
     fn resume(&self, d: &Deferral, why: ResumeReason) {
         let now = self.clock.now_unix_ms();
         let mut log = self.log.applied.lock().unwrap_or_else(|e| e.into_inner());
@@ -293,6 +318,43 @@ mod tests {
             assert!((s - p).abs() < 1e-6, "{physics:?}: shed {s} W·min, paid back {p} W·min");
             assert!(shed.iter().all(|&w| w <= 600.0 + 1e-9), "{physics:?}: sheds more than it draws");
         }
+    }
+
+    /// What an appliance tells the engine it will pay back spans what it really pays back, with the same energy:
+    /// a paused session's late stretch exactly, a compressor's payback as an envelope over its off-times.
+    #[test]
+    fn the_payback_an_appliance_reports_is_what_it_pays_back() {
+        let seed = 7;
+        let mut rng = SmallRng::seed_from_u64(seed);
+        for _ in 0..500 {
+            let class = ApplianceClass::ALL[rng.gen_range(0..ApplianceClass::ALL.len())];
+            let minutes = rng.gen_range(1..60);
+            let a = applied(draw_physics(class, 0.5, &mut rng), minutes);
+            let (_, payback) = series(&a);
+            let paid_wh = payback.iter().sum::<f64>() / 60.0;
+            let Some(p) = a.payback_forecast(a.end_unix_ms) else {
+                assert!(paid_wh < 1e-9, "seed {seed} {a:?}: pays back {paid_wh} Wh and reports nothing");
+                continue;
+            };
+            assert!(
+                (p.energy_wh() - paid_wh).abs() <= 0.01 * paid_wh + 1.0,
+                "seed {seed} {a:?}: {p:?} vs {paid_wh} Wh"
+            );
+            let first = payback.iter().position(|&w| w > 0.0).unwrap() as i64;
+            let last = payback.iter().rposition(|&w| w > 0.0).unwrap() as i64;
+            assert!(
+                p.from_unix_ms.div_euclid(MS_PER_MIN) == first && (p.to_unix_ms - 1).div_euclid(MS_PER_MIN) == last
+            );
+            if let Physics::Running { remaining_s } = a.physics {
+                let end_s = minutes * 60;
+                assert_eq!((p.from_unix_ms / 1000, p.to_unix_ms / 1000), (end_s.max(remaining_s), end_s + remaining_s));
+                assert_eq!(p.power_w, 600);
+            }
+        }
+        // Released early, a paused session runs late by as long as it was paused.
+        let a = applied(Physics::Running { remaining_s: 7_200 }, 30);
+        let p = a.payback_forecast(5 * MS_PER_MIN).unwrap();
+        assert_eq!((p.from_unix_ms, p.to_unix_ms), (120 * MS_PER_MIN, 125 * MS_PER_MIN));
     }
 
     /// Averaged over many appliances, what the simulated ones shed and pay back is what the planner expects.

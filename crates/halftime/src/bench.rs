@@ -531,6 +531,7 @@ fn acknowledge(commands: &[pb::SignedCommand], keys: Option<&TrustedKeys>) -> Ve
                 reject_reason: if ok { 0 } else { pb::RejectReason::BadSignature as i32 },
                 at_unix_ms: now,
                 reduction_w: 0,
+                ..Default::default()
             }
         })
         .collect()
