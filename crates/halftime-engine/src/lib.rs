@@ -6,6 +6,7 @@
 //! counter high-water mark durable in one transaction, then queue at the head-end and answer with the plan.
 
 mod dispatch;
+mod rebound;
 mod registry;
 mod runtime;
 
@@ -13,12 +14,13 @@ pub use registry::Registry;
 pub use runtime::add_interval;
 
 use dashmap::DashMap;
+use halftime_core::physics::override_chance;
 use halftime_core::time::{Clock, MS_PER_MIN};
 use halftime_core::validate::{self, StressEventInput};
 use halftime_core::{
     Appliance, ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport, DeviceStatus, EventId,
-    EventProgress, EventRecord, EventState, FieldError, HouseholdId, Limits, Outcome, PlanSummary, Priority, RegionId,
-    RegionSet, SignedCommand, StressEventSpec,
+    EventProgress, EventRecord, EventState, FieldError, HouseholdId, Limits, Outcome, Payback, PlanSummary, Priority,
+    RegionId, RegionSet, SignedCommand, StressEventSpec,
 };
 use halftime_headend::{HeadEnd, HeadEndConfig, LinkId, LinkReceiver};
 use halftime_ledger::Ledger;
@@ -60,6 +62,11 @@ pub struct EngineConfig {
     /// of the EV chargers it counted on were not charging): the shortfall they foretell is planned again, from
     /// the next minute, among appliances not yet deferred.
     pub top_up: bool,
+    /// Hold each event's rebound under this share of its cap by what its devices say they will pay back: a
+    /// device whose payback lands where the projection is over is released as soon as it says so (see
+    /// `rebound.rs`). 0 turns the guard off. Below 1 because the cap is a share of the planned peak reduction,
+    /// and what the devices really deliver at the peak scatters around it.
+    pub rebound_guard_share: f64,
     /// Dispatches planned and signed at once, at most; more wait their turn. Each holds a scan of the whole
     /// eligible population, so this bounds memory as well as CPU under a burst of submissions.
     pub plans_in_flight_max: usize,
@@ -99,6 +106,7 @@ impl Default for EngineConfig {
             headend: HeadEndConfig::default(),
             tick_interval_ms: 200,
             top_up: true,
+            rebound_guard_share: 0.95,
             plans_in_flight_max: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
@@ -325,12 +333,14 @@ impl Engine {
                 if c.command.kind == CommandKind::Defer
                     && let Some(a) = inner.registry.get(c.command.device)
                 {
-                    st.add_device(a.household, c.command, a.class, a.expected_reduction_w());
+                    let p = override_chance(a.override_rate(), f64::from(c.command.deferral_s) / 60.0);
+                    st.add_device(a.household, c.command, a.class, a.expected_reduction_w(), p);
                 }
             }
         }
+        // Payback forecasts are not stored: after a restart the guard counts on class averages.
         for o in outcomes {
-            self.apply_outcome(&o);
+            self.apply_outcome(&o, None);
         }
         for e in inner.events.iter() {
             e.advance_and_publish(inner.clock.now_unix_ms());
@@ -344,9 +354,9 @@ impl Engine {
         Ok(())
     }
 
-    fn apply_outcome(&self, o: &Outcome) -> Option<Arc<EventRuntime>> {
+    fn apply_outcome(&self, o: &Outcome, payback: Option<Payback>) -> Option<Arc<EventRuntime>> {
         let rt = self.inner.events.get(&o.event).map(|e| Arc::clone(&e))?;
-        let applied = rt.lock().apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w);
+        let applied = rt.lock().apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, payback);
         match applied {
             runtime::Applied::Unknown => return None,
             runtime::Applied::Ignored => {}
@@ -540,11 +550,19 @@ impl Engine {
                 ReboundReference::DeliveredPeak => (peak_planned_w > 0.0).then(|| peak_planned_w.min(peak_target_w)),
                 ReboundReference::PeakTarget => Some(peak_target_w),
             };
+            // After the window, what the devices said they will pay back where the guard has it; the plan's own
+            // expectation where it has not (the guard off, a recovered event).
+            let n_slots = spec.target_w.len();
+            let planned = &st.record.plan.rebound_w;
+            let guard_tail: &[f64] = if st.rebound.cap_w.is_some() { &st.rebound.tail_w } else { &[] };
             let prior_rebound_w: Vec<f64> = match rebound_reference_w {
-                Some(_) => {
-                    let prior = st.record.plan.rebound_w.iter().skip(first_slot);
-                    prior.take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX).map(|w| w * prior_rebound_scale).collect()
-                }
+                Some(_) => (first_slot..planned.len().max(n_slots + guard_tail.len()))
+                    .take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX)
+                    .map(|t| match t.checked_sub(n_slots).and_then(|i| guard_tail.get(i)) {
+                        Some(g) => g.max(0.0),
+                        None => planned.get(t).copied().unwrap_or(0.0) * prior_rebound_scale,
+                    })
+                    .collect(),
                 None => Vec::new(),
             };
             let regions = spec.regions.clone();
@@ -611,7 +629,9 @@ impl Engine {
         {
             let mut st = rt.lock();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
-                st.add_device(r.household, c.command, r.class, f64::from(r.reduction_kw) * 1e3);
+                let rate = self.inner.registry.get(r.appliance).map_or(0.0, |a| a.override_rate());
+                let p = override_chance(rate, f64::from(r.deferral_s) / 60.0);
+                st.add_device(r.household, c.command, r.class, f64::from(r.reduction_kw) * 1e3, p);
             }
             let plan = &mut st.record.plan;
             merge_evaluation(plan, &picked.evaluation, first_slot);
@@ -622,6 +642,20 @@ impl Engine {
                 plan.plan_ready_us = plan_ready_us;
             }
             st.record.plan.n_households = st.households.len() as u64;
+            let guard_share = self.inner.config.rebound_guard_share;
+            if guard_share > 0.0 {
+                let peak_target_w = st.record.spec.target_peak_w();
+                let reference_w = match rebound_reference_w {
+                    Some(w) => w,
+                    None => match self.inner.config.rebound_reference {
+                        ReboundReference::DeliveredPeak => {
+                            st.record.plan.expected_w.iter().copied().fold(0.0, f64::max).min(peak_target_w)
+                        }
+                        ReboundReference::PeakTarget => peak_target_w,
+                    },
+                };
+                st.rebound.cap_w = Some(guard_share * self.inner.config.rebound_fraction_max * reference_w);
+            }
             st.dirty = true;
         }
         // The dispatch is durable: hand it to the head-end, then record the event's summary with its timings.
@@ -832,7 +866,7 @@ impl Engine {
         })
         .await??;
         for o in &outcomes {
-            self.apply_outcome(o);
+            self.apply_outcome(o, None);
         }
         self.inner.headend.enqueue(&d.commands, self.now_unix_ms());
         rt.publish();
@@ -1026,6 +1060,7 @@ impl Engine {
     /// events or devices are counted and dropped.
     pub async fn report(&self, reports: &[DeviceReport]) -> Result<(), EngineError> {
         let mut dropped = 0u64;
+        let mut guarded: Vec<Arc<EventRuntime>> = Vec::new();
         for r in reports {
             if r.status != DeviceStatus::Expired && r.status != DeviceStatus::Dispatched {
                 self.inner.headend.ack(r.device, r.counter);
@@ -1042,9 +1077,12 @@ impl Engine {
                 at_unix_ms: r.at_unix_ms,
                 reduction_w: r.reduction_w,
             };
-            match self.apply_outcome(&o) {
+            match self.apply_outcome(&o, r.payback) {
                 // Progress is published by the tick, at most a few times a second.
-                Some(_) => {
+                Some(rt) => {
+                    if !rt.lock().guard_releases.is_empty() && !guarded.iter().any(|g| Arc::ptr_eq(g, &rt)) {
+                        guarded.push(rt);
+                    }
                     self.inner
                         .outcomes
                         .send(WriterMsg::Outcome(o))
@@ -1061,6 +1099,41 @@ impl Engine {
             }
         }
         metrics::counter!("halftime_device_reports_dropped_total").increment(dropped);
+        for rt in guarded {
+            self.release_over_cap(&rt).await?;
+        }
+        Ok(())
+    }
+
+    /// Releases the devices the rebound guard queued: their payback would take the event's rebound over its cap.
+    async fn release_over_cap(&self, rt: &Arc<EventRuntime>) -> Result<(), EngineError> {
+        let now = self.now_unix_ms();
+        let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
+            let mut st = rt.lock();
+            let devices = std::mem::take(&mut st.guard_releases);
+            devices
+                .iter()
+                .filter_map(|d| st.devices.get(d))
+                .filter(|t| !t.status.is_final())
+                .map(|t| (t.household, t.command, now))
+                .collect()
+        };
+        let (event, cap_w, peak_w, peak_at) = {
+            let st = rt.lock();
+            let tail = &st.rebound.tail_w;
+            let (at, peak) = tail.iter().enumerate().fold((0, 0.0), |a, (i, &w)| if w > a.1 { (i, w) } else { a });
+            (st.record.id, st.rebound.cap_w.unwrap_or(0.0), peak, at)
+        };
+        let n = self.send_releases(rt, releases, DeviceStatus::Released).await?;
+        metrics::counter!("halftime_rebound_guard_releases_total").increment(n);
+        tracing::info!(
+            event = event.0,
+            released = n,
+            cap_kw = cap_w / 1e3,
+            projected_peak_kw = peak_w / 1e3,
+            peak_min_after_window = peak_at,
+            "rebound guard released deferrals"
+        );
         Ok(())
     }
 
@@ -1147,7 +1220,7 @@ fn tick(inner: &Arc<Inner>) {
                 at_unix_ms: now,
                 reduction_w: 0,
             };
-            engine.apply_outcome(&o);
+            engine.apply_outcome(&o, None);
             // Best effort: with the writer's queue full, the expiry shows in progress but is not persisted.
             let _ = inner.outcomes.try_send(WriterMsg::Outcome(o));
         }
@@ -1173,6 +1246,8 @@ fn tick(inner: &Arc<Inner>) {
 
 /// How often (engine time) an event's device reports are weighed against its plan.
 const WEIGH_INTERVAL_MS: i64 = MS_PER_MIN;
+/// Deferrals the rebound guard releases per event and minute to bring a minute to come back under the cap.
+const GUARD_RELEASES_PER_TICK_MAX: usize = 2_000;
 /// Top-ups per event, at most.
 const TOP_UPS_MAX: u32 = 3;
 /// A top-up is planned only where the foretold shortfall in some minute is at least this share of the peak
@@ -1194,6 +1269,17 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
                 continue;
             }
             st.weighed_unix_ms = now;
+            if st.shave_rebound(now, GUARD_RELEASES_PER_TICK_MAX) > 0 {
+                let engine = Engine { inner: Arc::clone(inner) };
+                let rt = Arc::clone(rt);
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        if let Err(e) = engine.release_over_cap(&rt).await {
+                            tracing::warn!(error = %e, "rebound guard releases not sent");
+                        }
+                    });
+                }
+            }
             let realised = &st.realised;
             if realised.expected_w <= 0.0 {
                 continue;

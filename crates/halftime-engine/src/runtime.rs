@@ -1,6 +1,8 @@
 //! Live state of one event: every dispatched device's command and status, the counts `WatchEvent` streams,
 //! and the delivered reduction, recomputed from device reports.
 
+use crate::rebound::ReboundGuard;
+use halftime_core::Payback;
 use halftime_core::appliance::N_CLASSES;
 use halftime_core::time::{MS_PER_MIN, slot_of};
 use halftime_core::{
@@ -27,11 +29,32 @@ pub struct DeviceTrack {
     pub expected_w: f64,
     /// When the deferral was ended early (override, release, rejection), if it was.
     pub ended_unix_ms: Option<i64>,
+    pub class: ApplianceClass,
+    /// The appliance's expected reduction when deferred at a random moment, W.
+    pub planned_w: f64,
+    /// What the device said it will pay back, latest first.
+    pub payback: Option<Payback>,
+    /// Chance that the household overrides this deferral (`core::physics::override_chance`).
+    pub override_chance: f64,
 }
 
 impl DeviceTrack {
+    /// The engine's guess at the payback of a deferral ended early at `at`, until the device says: what it said
+    /// for the planned end, in proportion to the part of the window it deferred (a paused session runs late by as
+    /// long as it was paused; a compressor makes back what it shed), from where that payback began.
+    pub fn payback_if_ended_at(&self, at: i64) -> Option<Payback> {
+        let (p, start) = (self.payback?, self.started_unix_ms?);
+        let planned_ms = i64::from(self.command.deferral_s) * 1000;
+        if planned_ms <= 0 {
+            return None;
+        }
+        let share = ((at - start) as f64 / planned_ms as f64).clamp(0.0, 1.0);
+        let to_unix_ms = p.from_unix_ms + ((p.to_unix_ms - p.from_unix_ms) as f64 * share) as i64;
+        (to_unix_ms > p.from_unix_ms).then_some(Payback { to_unix_ms, ..p })
+    }
+
     /// The interval over which this device shed load, if it started.
-    fn shed_interval(&self) -> Option<(i64, i64)> {
+    pub fn shed_interval(&self) -> Option<(i64, i64)> {
         let start = self.started_unix_ms?;
         let mut end = (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
         if let Some(e) = self.ended_unix_ms {
@@ -124,6 +147,9 @@ pub struct RuntimeState {
     /// Top-ups dispatched so far, and whether one is being planned.
     pub n_top_ups: u32,
     pub top_up_in_flight: bool,
+    pub rebound: ReboundGuard,
+    /// Devices the rebound guard asks to release, for the engine to sign and send.
+    pub guard_releases: Vec<ApplianceId>,
 }
 
 #[derive(Debug)]
@@ -148,6 +174,8 @@ impl EventRuntime {
             weighed_unix_ms: i64::MIN,
             n_top_ups: 0,
             top_up_in_flight: false,
+            rebound: ReboundGuard::default(),
+            guard_releases: Vec::new(),
         };
         let progress = state.progress();
         Self { state: Mutex::new(state), watch: watch::channel(progress).0 }
@@ -171,13 +199,14 @@ impl EventRuntime {
 
 impl RuntimeState {
     /// Tracks a device given `command`: an appliance of `class` the plan expects to shed `reduction_w` at a
-    /// random moment.
+    /// random moment, whose household overrides the deferral with `override_chance`.
     pub fn add_device(
         &mut self,
         household: HouseholdId,
         command: DeferralCommand,
         class: ApplianceClass,
         reduction_w: f64,
+        override_chance: f64,
     ) {
         let expected_w = self.expected_report.w(class, reduction_w, command.deferral_s);
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
@@ -191,16 +220,112 @@ impl RuntimeState {
             reduction_w: 0,
             expected_w,
             ended_unix_ms: None,
+            class,
+            planned_w: reduction_w,
+            payback: None,
+            override_chance,
         };
-        if self.devices.insert(command.device, track).is_none() {
+        let window_end = self.record.spec.end_unix_ms();
+        self.rebound.add(window_end, &track, 1.0);
+        if let Some(old) = self.devices.insert(command.device, track) {
+            self.rebound.add(window_end, &old, -1.0);
+        } else {
             self.counts.dispatched += 1;
             self.planned_by_class_w[class.index()] += reduction_w;
         }
         self.dirty = true;
     }
 
-    /// Applies a status change for a device of this event, and says what the ledger should do about it.
-    pub fn apply(&mut self, device: ApplianceId, status: DeviceStatus, at_unix_ms: i64, reduction_w: u32) -> Applied {
+    /// Applies a status change for a device of this event, with the payback it says it will draw after, and
+    /// says what the ledger should do about it. Where that payback would take the event's projected rebound over
+    /// its cap, the device is queued in `guard_releases`.
+    pub fn apply(
+        &mut self,
+        device: ApplianceId,
+        status: DeviceStatus,
+        at_unix_ms: i64,
+        reduction_w: u32,
+        payback: Option<Payback>,
+    ) -> Applied {
+        if matches!(status, DeviceStatus::Dispatched | DeviceStatus::Received) {
+            return self.apply_status(device, status, at_unix_ms, reduction_w, payback);
+        }
+        let window_end = self.record.spec.end_unix_ms();
+        let Some(before) = self.devices.get(&device).cloned() else { return Applied::Unknown };
+        let applied = self.apply_status(device, status, at_unix_ms, reduction_w, payback);
+        let after = &self.devices[&device];
+        self.rebound.add(window_end, &before, -1.0);
+        self.rebound.add(window_end, after, 1.0);
+        if status == DeviceStatus::Started
+            && before.started_unix_ms.is_none()
+            && !after.status.is_final()
+            && self.rebound.over_cap(window_end, after)
+        {
+            self.guard_release(device, at_unix_ms);
+        }
+        applied
+    }
+
+    /// Queues `device` for release by the rebound guard at `at_unix_ms`. Its shed from then on is lost: the
+    /// closed loop plans it again among devices not yet deferred.
+    fn guard_release(&mut self, device: ApplianceId, at_unix_ms: i64) {
+        let Some(t) = self.devices.get(&device) else { return };
+        if let Some((from, to)) = t.shed_interval() {
+            let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
+            self.realised.deviation_w.resize(n, 0.0);
+            let lost_w = -f64::from(t.reduction_w);
+            add_interval(&mut self.realised.deviation_w, slot0, from.max(at_unix_ms), to, lost_w);
+        }
+        self.guard_releases.push(device);
+        self.rebound.n_released += 1;
+    }
+
+    /// Where the projected rebound is over the cap in a minute to come, queues for release the deferrals still
+    /// under way whose payback lands there, largest first, until what they pay back there covers the excess (at
+    /// most `n_max`). Released early, a compressor pays back sooner, inside the window, and a paused session runs
+    /// late by less. Devices that said nothing stay: the guard knows their payback only on average.
+    pub fn shave_rebound(&mut self, now_unix_ms: i64, n_max: usize) -> usize {
+        let Some(cap_w) = self.rebound.cap_w else { return 0 };
+        let window_end = self.record.spec.end_unix_ms();
+        let first = (now_unix_ms - window_end).div_euclid(MS_PER_MIN).max(0) as usize + 1;
+        let worst = self.rebound.tail_w.iter().enumerate().skip(first).max_by(|a, b| a.1.total_cmp(b.1));
+        let Some((slot, &peak_w)) = worst else { return 0 };
+        if peak_w <= cap_w {
+            return 0;
+        }
+        let (a, b) = (window_end + slot as i64 * MS_PER_MIN, window_end + (slot as i64 + 1) * MS_PER_MIN);
+        let mut candidates: Vec<(f64, ApplianceId)> = self
+            .devices
+            .iter()
+            .filter(|(_, t)| !t.status.is_final() && t.shed_interval().is_some_and(|(_, to)| to > now_unix_ms))
+            .filter_map(|(&d, t)| {
+                let p = t.payback?;
+                let overlap_ms = (p.to_unix_ms.min(b) - p.from_unix_ms.max(a)).max(0);
+                (overlap_ms > 0).then(|| (f64::from(p.power_w) * overlap_ms as f64 / MS_PER_MIN as f64, d))
+            })
+            .collect();
+        candidates.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let mut excess_w = peak_w - cap_w;
+        let mut n = 0;
+        for (w, device) in candidates {
+            if excess_w <= 0.0 || n >= n_max {
+                break;
+            }
+            self.guard_release(device, now_unix_ms);
+            excess_w -= w;
+            n += 1;
+        }
+        n
+    }
+
+    fn apply_status(
+        &mut self,
+        device: ApplianceId,
+        status: DeviceStatus,
+        at_unix_ms: i64,
+        reduction_w: u32,
+        payback: Option<Payback>,
+    ) -> Applied {
         let Some(track) = self.devices.get_mut(&device) else { return Applied::Unknown };
         let c = &mut self.counts;
         let at = at_unix_ms.clamp(track.command.not_before_unix_ms, track.command.not_after_unix_ms);
@@ -211,7 +336,10 @@ impl RuntimeState {
         }
         if track.status.is_final() {
             // A late report about a command already settled (the device's own report of an engine release,
-            // a retry): acknowledged, nothing else changes.
+            // a retry): acknowledged, and what it will really pay back replaces the engine's guess.
+            if payback.is_some() && track.started_unix_ms.is_some() {
+                track.payback = payback;
+            }
             return Applied::Ignored;
         }
         match status {
@@ -220,21 +348,27 @@ impl RuntimeState {
                 if track.started_unix_ms.is_none() {
                     track.started_unix_ms = Some(at);
                     track.reduction_w = reduction_w;
+                    track.payback = payback;
                     c.started += 1;
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
                     let (deferral_s, expected_w) = (track.command.deferral_s, track.expected_w);
                     self.realised.note(slot0, n, at, deferral_s, f64::from(reduction_w), expected_w);
                 }
             }
-            DeviceStatus::Completed => c.completed += 1,
+            DeviceStatus::Completed => {
+                c.completed += 1;
+                track.payback = payback.or(track.payback);
+            }
             DeviceStatus::Overridden => {
                 c.overridden += 1;
                 track.ended_unix_ms = Some(at);
                 end_early = Some(at);
+                track.payback = payback.or_else(|| track.payback_if_ended_at(at));
             }
             DeviceStatus::Released => {
                 track.ended_unix_ms = Some(track.ended_unix_ms.map_or(at, |e| e.min(at)));
                 end_early = Some(at);
+                track.payback = payback.or_else(|| track.payback_if_ended_at(at));
             }
             DeviceStatus::Rejected => {
                 c.rejected += 1;
@@ -368,16 +502,124 @@ mod tests {
             randomize_start_s: 0,
         };
         // Fridges, whose mean response over any window is what they shed at a random moment.
-        st.add_device(HouseholdId(1), command(1), ApplianceClass::Fridge, 400.0);
-        st.add_device(HouseholdId(2), command(2), ApplianceClass::Fridge, 600.0);
-        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200);
-        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200);
-        st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0);
+        st.add_device(HouseholdId(1), command(1), ApplianceClass::Fridge, 400.0, 0.0);
+        st.add_device(HouseholdId(2), command(2), ApplianceClass::Fridge, 600.0, 0.0);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
+        st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0, None);
         let r = &st.realised;
         assert_eq!((r.n_known, r.n_rejected), (2, 1));
         assert!((r.expected_w - 1_000.0).abs() < 1e-6 && r.reported_w == 200.0, "{r:?}");
         let want = [vec![-800.0; 5], vec![0.0; 5]].concat();
         assert!(r.deviation_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", r.deviation_w);
+    }
+
+    fn ev_event() -> (RuntimeState, i64, impl Fn(u64, i64) -> DeferralCommand) {
+        let start = 60 * MS_PER_MIN;
+        let spec = StressEventSpec {
+            regions: vec![],
+            start_unix_ms: start,
+            target_w: vec![10_000.0; 10],
+            deferral_min_max: 10,
+            priority: Priority::High,
+            idempotency_key: "k".into(),
+        };
+        let record = EventRecord {
+            id: EventId(1),
+            spec,
+            state: EventState::Active,
+            plan: Default::default(),
+            accepted_unix_ms: 0,
+        };
+        let command = move |device: u64, not_before: i64| DeferralCommand {
+            kind: CommandKind::Defer,
+            key_id: 0,
+            device: ApplianceId(device),
+            event: EventId(1),
+            counter: device,
+            not_before_unix_ms: not_before,
+            not_after_unix_ms: not_before + 10 * MS_PER_MIN,
+            deferral_s: 600,
+            randomize_start_s: 0,
+        };
+        (EventRuntime::new(record).state.into_inner().unwrap(), start + 10 * MS_PER_MIN, command)
+    }
+
+    fn payback(window_end: i64, from_min: i64, to_min: i64) -> Option<Payback> {
+        Some(Payback {
+            power_w: 7_000,
+            from_unix_ms: window_end + from_min * MS_PER_MIN,
+            to_unix_ms: window_end + to_min * MS_PER_MIN,
+        })
+    }
+
+    /// Chargers say when their paused sessions will run late. The one whose payback lands where another's already
+    /// takes the projection over the cap is released; the engine's guess at its shorter payback stands until the
+    /// device says, then what it says replaces it. The projection is then exactly what the devices said.
+    #[test]
+    fn the_guard_releases_a_deferral_whose_payback_would_go_over_the_cap() {
+        let (mut st, window_end, command) = ev_event();
+        let start = st.record.spec.start_unix_ms;
+        for d in 1..=3 {
+            // planned_w 0: nothing expected of them before they say, so the test sees only what they say.
+            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0);
+        }
+        st.rebound.cap_w = Some(10_000.0);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 60, 65));
+        st.apply(ApplianceId(2), DeviceStatus::Started, start, 7_000, payback(window_end, 62, 70));
+        st.apply(ApplianceId(3), DeviceStatus::Started, start, 7_000, payback(window_end, 120, 125));
+        assert_eq!(st.guard_releases, vec![ApplianceId(2)]);
+        assert_eq!(st.rebound.n_released, 1);
+        // Released a tenth of the way in: until it says, the engine counts a tenth of its payback (0.8 of 8 minutes),
+        // from where it began.
+        let released_at = start + MS_PER_MIN;
+        st.apply(ApplianceId(2), DeviceStatus::Released, released_at, 0, None);
+        let tail = st.rebound.tail_w.clone();
+        assert!((tail[62] - 12_600.0).abs() < 1e-6 && (tail[63] - 7_000.0).abs() < 1e-6, "{:?}", &tail[60..66]);
+        // What it lost is shed no more: the closed loop counts three chargers' reports (7 kW each, where nothing was
+        // expected of them) less the released one's, from the moment it was queued.
+        let deviation = &st.realised.deviation_w;
+        assert!(deviation.iter().all(|&w| (w - 14_000.0).abs() < 1e-6), "{deviation:?}");
+        // It says: its session runs a minute and a half late.
+        let said = Payback { to_unix_ms: window_end + 63 * MS_PER_MIN + 30_000, ..payback(window_end, 62, 0).unwrap() };
+        st.apply(ApplianceId(2), DeviceStatus::Released, released_at, 0, Some(said));
+        for d in [1, 3] {
+            st.apply(ApplianceId(d), DeviceStatus::Completed, start + 10 * MS_PER_MIN, 0, None);
+        }
+        let mut want = vec![0.0; crate::rebound::TAIL_SLOTS];
+        add_interval(&mut want, window_end, window_end + 60 * MS_PER_MIN, window_end + 65 * MS_PER_MIN, 7_000.0);
+        add_interval(&mut want, window_end, said.from_unix_ms, said.to_unix_ms, 7_000.0);
+        add_interval(&mut want, window_end, window_end + 120 * MS_PER_MIN, window_end + 125 * MS_PER_MIN, 7_000.0);
+        let off = st.rebound.tail_w.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(off < 1e-6, "projection off by {off} W");
+        assert_eq!(st.guard_releases, vec![ApplianceId(2)], "nothing more released");
+    }
+
+    /// Where what the devices said takes a minute to come over the cap, the deferrals still under way whose payback
+    /// lands there are released, largest first, until they cover the excess; devices that have ended are left.
+    #[test]
+    fn the_guard_shaves_a_minute_over_the_cap_with_the_largest_paybacks_there() {
+        let (mut st, window_end, command) = ev_event();
+        let start = st.record.spec.start_unix_ms;
+        for d in 1..=4 {
+            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0);
+        }
+        // Reported before the cap was known (the guard was not yet on).
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 5, 6));
+        st.apply(ApplianceId(2), DeviceStatus::Started, start, 7_000, payback(window_end, 5, 15));
+        st.apply(ApplianceId(3), DeviceStatus::Started, start, 7_000, payback(window_end, 5, 6));
+        st.apply(ApplianceId(4), DeviceStatus::Started, start, 7_000, payback(window_end, 5, 6));
+        st.apply(ApplianceId(4), DeviceStatus::Overridden, start + MS_PER_MIN, 0, payback(window_end, 5, 6));
+        assert!(st.guard_releases.is_empty());
+        st.rebound.cap_w = Some(15_000.0);
+        // 28 kW in minute 5 against a cap of 15: two of the three still deferred, the lowest ids among equals.
+        assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 2);
+        assert_eq!(st.guard_releases, vec![ApplianceId(1), ApplianceId(2)]);
+        // At most `n_max`, and nothing where the projection is under the cap.
+        st.guard_releases.clear();
+        assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 1), 1);
+        st.rebound.cap_w = Some(30_000.0);
+        assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 0);
     }
 
     #[test]

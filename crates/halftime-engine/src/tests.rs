@@ -520,6 +520,7 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
                         reject_reason: None,
                         at_unix_ms: at,
                         reduction_w,
+                        payback: None,
                     }
                 })
                 .collect();
@@ -566,4 +567,73 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             }
         });
     }
+}
+
+/// Devices say what they will pay back when they start. Once what they said fills the event's rebound cap in some
+/// minute, every further device whose payback lands there is released at once, with a signed release the
+/// head-end holds for it; the others keep deferring.
+#[test]
+fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    runtime().block_on(async {
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        let region = engine.regions().lookup("_C").unwrap();
+        engine.enrol((1..=3_000u64).map(|i| one_per_household(i, region)).collect()).await.unwrap();
+        let start = T0 + 60_000;
+        let target_kw = vec![20.0; 15];
+        let (id, _) = engine
+            .submit(submit_request("guard", &["_C"], start, target_kw.clone(), 30), &Grant::unrestricted())
+            .await
+            .unwrap();
+        let window_end = start + target_kw.len() as i64 * MS_PER_MIN;
+        let entries: Vec<_> = engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
+        let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
+        // Each says it will draw 500 W more for ten minutes two hours after the window, where nothing else pays back.
+        let payback_w = 500;
+        let reports: Vec<DeviceReport> = entries
+            .iter()
+            .filter(|e| e.reservation.not_before_unix_ms == first)
+            .map(|e| DeviceReport {
+                device: e.reservation.appliance,
+                event: id,
+                counter: 0,
+                status: DeviceStatus::Started,
+                reject_reason: None,
+                at_unix_ms: first + 1_000,
+                reduction_w: 100,
+                payback: Some(Payback {
+                    power_w: payback_w,
+                    from_unix_ms: window_end + 120 * MS_PER_MIN,
+                    to_unix_ms: window_end + 130 * MS_PER_MIN,
+                }),
+            })
+            .collect();
+        assert!(reports.len() >= 20, "{} devices start first", reports.len());
+        engine.report(&reports).await.unwrap();
+        let config = test_config();
+        let cap_w = config.rebound_guard_share * config.rebound_fraction_max * 20e3;
+        let status = |d: ApplianceId| {
+            engine
+                .ledger()
+                .all_entries()
+                .into_iter()
+                .find(|e| e.reservation.event == id && e.reservation.appliance == d)
+        };
+        let (mut kept, mut released) = (0, 0);
+        for r in &reports {
+            match status(r.device).unwrap().status {
+                DeviceStatus::Released => {
+                    released += 1;
+                    let held = engine.resync(r.device).unwrap();
+                    assert!(held.iter().any(|c| c.command.kind == CommandKind::Release), "no release for {}", r.device);
+                }
+                DeviceStatus::Started => kept += 1,
+                s => panic!("{}: {s:?}", r.device),
+            }
+        }
+        // As many as fit under the cap keep deferring; every one after them is released.
+        let fit = (cap_w / f64::from(payback_w)).floor() as usize;
+        assert_eq!((kept, released), (fit, reports.len() - fit), "cap {cap_w} W");
+    });
 }

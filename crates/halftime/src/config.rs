@@ -46,6 +46,7 @@ pub struct EngineSection {
     pub release_over_min_default: u32,
     pub tick_interval_ms: u64,
     pub top_up: bool,
+    pub rebound_guard_share: f64,
     pub plans_in_flight_max: usize,
 }
 
@@ -119,6 +120,7 @@ impl Default for EngineSection {
             release_over_min_default: e.release_over_min_default,
             tick_interval_ms: e.tick_interval_ms,
             top_up: e.top_up,
+            rebound_guard_share: e.rebound_guard_share,
             plans_in_flight_max: e.plans_in_flight_max,
         }
     }
@@ -205,6 +207,10 @@ impl Config {
         anyhow::ensure!((0.0..=1.0).contains(&e.rebound_fraction_max), "engine.rebound_fraction_max: must be in 0..=1");
         anyhow::ensure!((0.0..=10.0).contains(&e.rebound_sigmas), "engine.rebound_sigmas: must be in 0..=10");
         anyhow::ensure!((0.0..=10.0).contains(&e.delivery_sigmas), "engine.delivery_sigmas: must be in 0..=10");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&e.rebound_guard_share),
+            "engine.rebound_guard_share: must be in 0..=1 (0 turns the guard off)"
+        );
         anyhow::ensure!(e.fairness_window_days >= 1, "engine.fairness_window_days: must be >= 1");
         anyhow::ensure!(
             e.retention_days >= e.fairness_window_days,
@@ -245,6 +251,7 @@ impl Config {
             },
             tick_interval_ms: e.tick_interval_ms,
             top_up: e.top_up,
+            rebound_guard_share: e.rebound_guard_share,
             plans_in_flight_max: e.plans_in_flight_max,
         })
     }

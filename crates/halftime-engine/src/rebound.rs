@@ -1,0 +1,104 @@
+//! The rebound guard: an event's projected load above baseline after its window, from what its devices say they
+//! will pay back, held under the event's rebound cap by releasing a deferral whose payback would take it over.
+//!
+//! A plan keeps its expected rebound a couple of standard deviations under the cap, but a handful of EV chargers
+//! decide the late payback of an evening (each pays back 7 kW for as long as it was deferred, when its session
+//! would have ended), and over a season some evening's highest minute went a few percent over. Devices know
+//! where they are in their cycle or session, so they say what they will pay back when they start; the engine
+//! sums that (with the class average for devices that have not said) and releases at once a device whose payback
+//! lands where the sum is over the cap. Released within a minute of starting, a paused charging session runs a
+//! minute late instead of half an hour; what it would have shed is planned again by the closed loop's top-up.
+
+use crate::runtime::{DeviceTrack, add_interval};
+use halftime_core::physics::{Response, expected_response, expected_response_overridden};
+use halftime_core::time::MS_PER_MIN;
+use halftime_core::{ApplianceClass, DeviceStatus, Payback};
+use std::collections::HashMap;
+
+/// Minutes after an event's window that its rebound is followed for: a charging session paused late in a long
+/// window pays back up to four hours after release.
+pub const TAIL_SLOTS: usize = 480;
+
+#[derive(Debug, Default)]
+pub struct ReboundGuard {
+    /// Projected net load above baseline from this event's devices, W, per minute from the end of its window:
+    /// paybacks less any shed still under way.
+    pub tail_w: Vec<f64>,
+    /// The cap the projection is held under; `None` while not guarding (turned off, or nothing planned yet).
+    pub cap_w: Option<f64>,
+    /// Deferrals released because their payback would have gone over the cap.
+    pub n_released: u64,
+    /// Run to the end, and overridden at a random moment, by class and deferral length.
+    responses: HashMap<(ApplianceClass, u32), (Response, Response)>,
+}
+
+impl ReboundGuard {
+    /// Adds `sign` (1 or -1) times what `t` contributes to the projection after `window_end_unix_ms`: its reported
+    /// payback less its reported shed once it has said, its class's average response until then (or if it cannot
+    /// say), nothing if it never deferred or shed nothing.
+    pub fn add(&mut self, window_end_unix_ms: i64, t: &DeviceTrack, sign: f64) {
+        if self.tail_w.is_empty() {
+            self.tail_w = vec![0.0; TAIL_SLOTS];
+        }
+        let tail = &mut self.tail_w;
+        match (t.started_unix_ms, t.payback) {
+            (Some(started), Some(p)) => {
+                let (from, to) = t.shed_interval().unwrap_or((started, started));
+                // Until it has ended, the household may still override it halfway, on average: shedding less and
+                // paying back sooner.
+                let p_override = if t.status.is_final() { 0.0 } else { t.override_chance.clamp(0.0, 1.0) };
+                let shed_w = f64::from(t.reduction_w);
+                let mut add = |p: Payback, shed_to: i64, weight: f64| {
+                    let w = sign * weight;
+                    add_interval(tail, window_end_unix_ms, p.from_unix_ms, p.to_unix_ms, w * f64::from(p.power_w));
+                    add_interval(tail, window_end_unix_ms, from, shed_to, -w * shed_w);
+                };
+                add(p, to, 1.0 - p_override);
+                let half = from + (to - from) / 2;
+                if p_override > 0.0
+                    && let Some(early) = t.payback_if_ended_at(half)
+                {
+                    add(early, half, p_override);
+                }
+            }
+            // Never started, or started shedding nothing (an idle appliance): nothing to pay back.
+            (None, _) if t.status.is_final() => {}
+            (Some(_), None) if t.reduction_w == 0 => {}
+            (started, _) => {
+                if matches!(t.status, DeviceStatus::Rejected | DeviceStatus::Expired) {
+                    return;
+                }
+                let c = &t.command;
+                let from = started.unwrap_or(c.not_before_unix_ms + i64::from(c.randomize_start_s) * 500);
+                let minutes = (c.deferral_s / 60).max(1);
+                let r = self.responses.entry((t.class, minutes)).or_insert_with(|| {
+                    (expected_response(t.class, minutes), expected_response_overridden(t.class, minutes))
+                });
+                let p_override = t.override_chance.clamp(0.0, 1.0);
+                let release = from + i64::from(minutes) * MS_PER_MIN;
+                for (response, weight) in [(&r.0, 1.0 - p_override), (&r.1, p_override)] {
+                    let w = sign * t.planned_w * weight;
+                    for (k, shed) in response.shed.iter().enumerate() {
+                        let a = from + k as i64 * MS_PER_MIN;
+                        if a + MS_PER_MIN > window_end_unix_ms {
+                            add_interval(tail, window_end_unix_ms, a, a + MS_PER_MIN, -w * shed);
+                        }
+                    }
+                    for (k, payback) in response.payback.iter().enumerate() {
+                        let a = release + k as i64 * MS_PER_MIN;
+                        add_interval(tail, window_end_unix_ms, a, a + MS_PER_MIN, w * payback);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `t`'s reported payback lands in a minute where the projection is over the cap.
+    pub fn over_cap(&self, window_end_unix_ms: i64, t: &DeviceTrack) -> bool {
+        let (Some(cap_w), Some(p)) = (self.cap_w, t.payback) else { return false };
+        let slot = |at: i64| (at - window_end_unix_ms).div_euclid(MS_PER_MIN);
+        let first = slot(p.from_unix_ms).max(0);
+        let last = slot(p.to_unix_ms - 1).min(self.tail_w.len() as i64 - 1);
+        (first..=last).any(|s| self.tail_w[s as usize] > cap_w)
+    }
+}
