@@ -473,37 +473,11 @@ mod tests {
     /// What the event realised counts both, slot by slot, and a report repeated changes nothing.
     #[test]
     fn realised_follows_starts_and_refusals_as_they_are_reported() {
-        let start = 60 * MS_PER_MIN;
-        let spec = StressEventSpec {
-            regions: vec![],
-            start_unix_ms: start,
-            target_w: vec![1_000.0; 10],
-            deferral_min_max: 5,
-            priority: Priority::High,
-            idempotency_key: "k".into(),
-        };
-        let record = EventRecord {
-            id: EventId(1),
-            spec,
-            state: EventState::Active,
-            plan: Default::default(),
-            accepted_unix_ms: 0,
-        };
-        let mut st = EventRuntime::new(record).state.into_inner().unwrap();
-        let command = |device: u64| DeferralCommand {
-            kind: CommandKind::Defer,
-            key_id: 0,
-            device: ApplianceId(device),
-            event: EventId(1),
-            counter: device,
-            not_before_unix_ms: start,
-            not_after_unix_ms: start + 5 * MS_PER_MIN,
-            deferral_s: 300,
-            randomize_start_s: 0,
-        };
+        let (mut st, _, command) = event(1_000.0, 5);
+        let start = st.record.spec.start_unix_ms;
         // Fridges, whose mean response over any window is what they shed at a random moment.
-        st.add_device(HouseholdId(1), command(1), ApplianceClass::Fridge, 400.0, 0.0);
-        st.add_device(HouseholdId(2), command(2), ApplianceClass::Fridge, 600.0, 0.0);
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::Fridge, 400.0, 0.0);
+        st.add_device(HouseholdId(2), command(2, start), ApplianceClass::Fridge, 600.0, 0.0);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
         st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0, None);
@@ -514,13 +488,15 @@ mod tests {
         assert!(r.deviation_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", r.deviation_w);
     }
 
-    fn ev_event() -> (RuntimeState, i64, impl Fn(u64, i64) -> DeferralCommand) {
+    /// An active event of ten one-minute slots from minute 60 asking `target_w`, its window's end, and its
+    /// deferral commands of `deferral_min` by device and start.
+    fn event(target_w: f64, deferral_min: u32) -> (RuntimeState, i64, impl Fn(u64, i64) -> DeferralCommand) {
         let start = 60 * MS_PER_MIN;
         let spec = StressEventSpec {
             regions: vec![],
             start_unix_ms: start,
-            target_w: vec![10_000.0; 10],
-            deferral_min_max: 10,
+            target_w: vec![target_w; 10],
+            deferral_min_max: deferral_min,
             priority: Priority::High,
             idempotency_key: "k".into(),
         };
@@ -538,8 +514,8 @@ mod tests {
             event: EventId(1),
             counter: device,
             not_before_unix_ms: not_before,
-            not_after_unix_ms: not_before + 10 * MS_PER_MIN,
-            deferral_s: 600,
+            not_after_unix_ms: not_before + i64::from(deferral_min) * MS_PER_MIN,
+            deferral_s: deferral_min * 60,
             randomize_start_s: 0,
         };
         (EventRuntime::new(record).state.into_inner().unwrap(), start + 10 * MS_PER_MIN, command)
@@ -558,7 +534,7 @@ mod tests {
     /// device says, then what it says replaces it. The projection is then exactly what the devices said.
     #[test]
     fn the_guard_releases_a_deferral_whose_payback_would_go_over_the_cap() {
-        let (mut st, window_end, command) = ev_event();
+        let (mut st, window_end, command) = event(10_000.0, 10);
         let start = st.record.spec.start_unix_ms;
         for d in 1..=3 {
             // planned_w 0: nothing expected of them before they say, so the test sees only what they say.
@@ -599,7 +575,7 @@ mod tests {
     /// lands there are released, largest first, until they cover the excess; devices that have ended are left.
     #[test]
     fn the_guard_shaves_a_minute_over_the_cap_with_the_largest_paybacks_there() {
-        let (mut st, window_end, command) = ev_event();
+        let (mut st, window_end, command) = event(10_000.0, 10);
         let start = st.record.spec.start_unix_ms;
         for d in 1..=4 {
             st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0);
