@@ -150,6 +150,8 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
             reserved.push(Allocation { n: got, ..*alloc });
         }
     }
+    let unreserve = |r: &Reservation| inner.ledger.unreserve(r.household, r.event, r.appliance);
+    drop_lone_appliances(&req, &mut reserved, &mut reservations, unreserve);
     let evaluation = halftime_planner::evaluate(&req, &reserved);
     let picked_at = Instant::now();
 
@@ -167,6 +169,40 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         picked_at,
         counter_hwm: first + n,
     })
+}
+
+/// A class with more eligible appliances than this gets at least two in a dispatch or none.
+const LONE_CLASS_ELIGIBLE_MIN: u32 = 150;
+
+/// Gives back the reservation of a class that ended up with a single appliance where it has hundreds eligible:
+/// the planner drops classes it gives less than one and a half, but picking can still leave one when the
+/// households of the others refuse (their limits). Over a season that was one tumble dryer deferred once among
+/// 1,190 dryer-only households, all of their group's burden on one of them (Jain 0.0008). The delivery
+/// allowance covers one appliance.
+fn drop_lone_appliances(
+    req: &PlanRequest,
+    reserved: &mut Vec<Allocation>,
+    reservations: &mut Vec<Reservation>,
+    mut unreserve: impl FnMut(&Reservation),
+) {
+    let (mut eligible, mut picked) = ([0u32; N_CLASSES], [0u32; N_CLASSES]);
+    for c in &req.cohorts {
+        eligible[c.key.class.index()] += c.n_appliances;
+    }
+    for r in reservations.iter() {
+        picked[r.class.index()] += 1;
+    }
+    let lone = |class: halftime_core::ApplianceClass| {
+        let i = class.index();
+        picked[i] == 1 && eligible[i] > LONE_CLASS_ELIGIBLE_MIN
+    };
+    reservations.retain(|r| {
+        if lone(r.class) {
+            unreserve(r);
+        }
+        !lone(r.class)
+    });
+    reserved.retain(|a| !lone(req.cohorts[a.cohort].key.class));
 }
 
 /// Prior weight of the rates households declared, per class, in 20-minute deferrals: enough to steady a thin
@@ -245,4 +281,59 @@ fn sign_all(
             .collect();
         parts.into_iter().flat_map(|p| p.join().expect("signing thread panicked")).collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use halftime_core::{ApplianceClass, ApplianceId, EventId, RegionId};
+
+    #[test]
+    fn a_class_picked_once_among_hundreds_is_given_back() {
+        let cohort = |class, n_appliances| Cohort {
+            key: CohortKey { region: RegionId(0), class, budget_band: 0, burden_band: 0 },
+            n_appliances,
+            reduction_w_sum: 0.0,
+            reduction_w_net_sum: 0.0,
+        };
+        let req = PlanRequest {
+            target_w: vec![1.0],
+            cohorts: vec![
+                cohort(ApplianceClass::TumbleDryer, 1_190),
+                cohort(ApplianceClass::Fridge, 5_000),
+                cohort(ApplianceClass::HeatPump, 40),
+            ],
+            rebound_fraction_max: 0.1,
+            rebound_reference_w: None,
+            prior_rebound_w: vec![],
+            rebound_sigmas: 2.0,
+            delivery_sigmas: 1.5,
+            deferral_min_max: 30,
+            randomize_start_s: 30,
+        };
+        let reservation = |i: u64, class| Reservation {
+            household: HouseholdId(i),
+            appliance: ApplianceId(i),
+            class,
+            event: EventId(1),
+            not_before_unix_ms: 0,
+            not_after_unix_ms: 1,
+            deferral_s: 60,
+            reduction_kw: 1.0,
+        };
+        let mut reservations = vec![
+            reservation(1, ApplianceClass::TumbleDryer),
+            reservation(2, ApplianceClass::Fridge),
+            reservation(3, ApplianceClass::Fridge),
+            reservation(4, ApplianceClass::HeatPump),
+        ];
+        let allocation = |cohort, n| Allocation { cohort, start_slot: 0, deferral_min: 1, n };
+        let mut reserved = vec![allocation(0, 1), allocation(1, 2), allocation(2, 1)];
+        let mut given_back = Vec::new();
+        drop_lone_appliances(&req, &mut reserved, &mut reservations, |r| given_back.push(r.appliance));
+        // The dryer goes; a heat pump among forty is a fair turn, and two fridges are two.
+        assert_eq!(given_back, vec![ApplianceId(1)]);
+        assert_eq!(reservations.iter().map(|r| r.appliance.0).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(reserved.iter().map(|a| (a.cohort, a.n)).collect::<Vec<_>>(), vec![(1, 2), (2, 1)]);
+    }
 }
