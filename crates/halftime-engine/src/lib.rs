@@ -354,9 +354,28 @@ impl Engine {
         Ok(())
     }
 
-    fn apply_outcome(&self, o: &Outcome, payback: Option<Payback>) -> Option<Arc<EventRuntime>> {
+    /// What an event's rebound cap is a fraction of: the peak reduction its plan promises (at most its peak
+    /// target; `None` before anything is planned) or its peak target, as configured.
+    fn rebound_reference_w(&self, st: &runtime::RuntimeState) -> Option<f64> {
+        let peak_target_w = st.record.spec.target_peak_w();
+        match self.inner.config.rebound_reference {
+            ReboundReference::DeliveredPeak => {
+                let peak_planned_w = st.record.plan.expected_w.iter().copied().fold(0.0, f64::max);
+                (peak_planned_w > 0.0).then(|| peak_planned_w.min(peak_target_w))
+            }
+            ReboundReference::PeakTarget => Some(peak_target_w),
+        }
+    }
+
+    /// Applies a status change to its event; returns the event, and whether its rebound guard now has devices
+    /// to release.
+    fn apply_outcome(&self, o: &Outcome, payback: Option<Payback>) -> Option<(Arc<EventRuntime>, bool)> {
         let rt = self.inner.events.get(&o.event).map(|e| Arc::clone(&e))?;
-        let applied = rt.lock().apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, payback);
+        let (applied, guard_pending) = {
+            let mut st = rt.lock();
+            let applied = st.apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, payback);
+            (applied, !st.guard_releases.is_empty())
+        };
         match applied {
             runtime::Applied::Unknown => return None,
             runtime::Applied::Ignored => {}
@@ -365,7 +384,7 @@ impl Engine {
                 self.inner.ledger.end_early(o.household, o.event, o.appliance, at, o.status);
             }
         }
-        Some(rt)
+        Some((rt, guard_pending))
     }
 
     pub fn now_unix_ms(&self) -> i64 {
@@ -544,12 +563,7 @@ impl Engine {
             let already_deferred: ahash::AHashSet<ApplianceId> = st.devices.keys().copied().collect();
             // A residual shares the cap the event's plan already has: a share of the peak reduction it promises.
             // Before anything is planned, the plan's own delivered peak is the reference.
-            let peak_planned_w = st.record.plan.expected_w.iter().copied().fold(0.0, f64::max);
-            let peak_target_w = spec.target_w.iter().copied().fold(0.0, f64::max);
-            let rebound_reference_w = match self.inner.config.rebound_reference {
-                ReboundReference::DeliveredPeak => (peak_planned_w > 0.0).then(|| peak_planned_w.min(peak_target_w)),
-                ReboundReference::PeakTarget => Some(peak_target_w),
-            };
+            let rebound_reference_w = self.rebound_reference_w(&st);
             // After the window, what the devices said they will pay back where the guard has it; the plan's own
             // expectation where it has not (the guard off, a recovered event).
             let n_slots = spec.target_w.len();
@@ -644,16 +658,8 @@ impl Engine {
             st.record.plan.n_households = st.households.len() as u64;
             let guard_share = self.inner.config.rebound_guard_share;
             if guard_share > 0.0 {
-                let peak_target_w = st.record.spec.target_peak_w();
-                let reference_w = match rebound_reference_w {
-                    Some(w) => w,
-                    None => match self.inner.config.rebound_reference {
-                        ReboundReference::DeliveredPeak => {
-                            st.record.plan.expected_w.iter().copied().fold(0.0, f64::max).min(peak_target_w)
-                        }
-                        ReboundReference::PeakTarget => peak_target_w,
-                    },
-                };
+                // The first dispatch's cap is on what its own plan delivers.
+                let reference_w = rebound_reference_w.or_else(|| self.rebound_reference_w(&st)).unwrap_or(0.0);
                 st.rebound.cap_w = Some(guard_share * self.inner.config.rebound_fraction_max * reference_w);
             }
             st.dirty = true;
@@ -1079,8 +1085,8 @@ impl Engine {
             };
             match self.apply_outcome(&o, r.payback) {
                 // Progress is published by the tick, at most a few times a second.
-                Some(rt) => {
-                    if !rt.lock().guard_releases.is_empty() && !guarded.iter().any(|g| Arc::ptr_eq(g, &rt)) {
+                Some((rt, guard_pending)) => {
+                    if guard_pending && !guarded.iter().any(|g| Arc::ptr_eq(g, &rt)) {
                         guarded.push(rt);
                     }
                     self.inner
@@ -1108,21 +1114,18 @@ impl Engine {
     /// Releases the devices the rebound guard queued: their payback would take the event's rebound over its cap.
     async fn release_over_cap(&self, rt: &Arc<EventRuntime>) -> Result<(), EngineError> {
         let now = self.now_unix_ms();
-        let releases: Vec<(HouseholdId, DeferralCommand, i64)> = {
+        let (releases, event, cap_w, peak_w, peak_at) = {
             let mut st = rt.lock();
             let devices = std::mem::take(&mut st.guard_releases);
-            devices
+            let releases: Vec<(HouseholdId, DeferralCommand, i64)> = devices
                 .iter()
                 .filter_map(|d| st.devices.get(d))
                 .filter(|t| !t.status.is_final())
                 .map(|t| (t.household, t.command, now))
-                .collect()
-        };
-        let (event, cap_w, peak_w, peak_at) = {
-            let st = rt.lock();
+                .collect();
             let tail = &st.rebound.tail_w;
             let (at, peak) = tail.iter().enumerate().fold((0, 0.0), |a, (i, &w)| if w > a.1 { (i, w) } else { a });
-            (st.record.id, st.rebound.cap_w.unwrap_or(0.0), peak, at)
+            (releases, st.record.id, st.rebound.cap_w.unwrap_or(0.0), peak, at)
         };
         let n = self.send_releases(rt, releases, DeviceStatus::Released).await?;
         metrics::counter!("halftime_rebound_guard_releases_total").increment(n);
