@@ -476,6 +476,24 @@ fn flexibility_counts_on_overrides_as_households_make_them() {
     });
 }
 
+const FRIDGE_EVENT_START: i64 = T0 + 60_000;
+const FRIDGE_EVENT_SLOTS: usize = 15;
+const FRIDGE_EVENT_KW: f64 = 20.0;
+
+/// Enrols 3,000 one-fridge households in `_C` and submits a flat event of [`FRIDGE_EVENT_KW`] for
+/// [`FRIDGE_EVENT_SLOTS`] minutes from [`FRIDGE_EVENT_START`]: its id, plan and reservations.
+async fn fridge_event(engine: &Engine, key: &str) -> (EventId, PlanSummary, Vec<halftime_ledger::Entry>) {
+    let region = engine.regions().lookup("_C").unwrap();
+    engine.enrol((1..=3_000u64).map(|i| one_per_household(i, region)).collect()).await.unwrap();
+    let target_kw = vec![FRIDGE_EVENT_KW; FRIDGE_EVENT_SLOTS];
+    let (id, plan) = engine
+        .submit(submit_request(key, &["_C"], FRIDGE_EVENT_START, target_kw, 30), &Grant::unrestricted())
+        .await
+        .unwrap();
+    let entries = engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
+    (id, plan, entries)
+}
+
 /// When the devices that have started report shedding less than the plan expected of them, the engine tops the
 /// event up from the next minute, within the event's rebound cap, so that what it now looks like delivering is
 /// back where the plan was. When they shed what was expected, it does not.
@@ -486,16 +504,8 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
         let clock = Arc::new(TestClock(AtomicI64::new(T0)));
         runtime().block_on(async {
             let engine = open(dir.path(), Arc::clone(&clock)).await;
-            let region = engine.regions().lookup("_C").unwrap();
-            engine.enrol((1..=3_000u64).map(|i| one_per_household(i, region)).collect()).await.unwrap();
-            let start = T0 + 60_000;
-            let target_kw = vec![20.0; 15];
-            let (id, before) = engine
-                .submit(submit_request("wave", &["_C"], start, target_kw.clone(), 30), &Grant::unrestricted())
-                .await
-                .unwrap();
-            let entries: Vec<_> =
-                engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
+            let (start, target_kw) = (FRIDGE_EVENT_START, vec![FRIDGE_EVENT_KW; FRIDGE_EVENT_SLOTS]);
+            let (id, before, entries) = fridge_event(&engine, "wave").await;
             let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
             // The first devices to start report `realised` of what the plan expected of them (a fridge sheds
             // its expected reduction on average over any window); what they lose, per slot.
@@ -578,16 +588,8 @@ fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
     let clock = Arc::new(TestClock(AtomicI64::new(T0)));
     runtime().block_on(async {
         let engine = open(dir.path(), Arc::clone(&clock)).await;
-        let region = engine.regions().lookup("_C").unwrap();
-        engine.enrol((1..=3_000u64).map(|i| one_per_household(i, region)).collect()).await.unwrap();
-        let start = T0 + 60_000;
-        let target_kw = vec![20.0; 15];
-        let (id, _) = engine
-            .submit(submit_request("guard", &["_C"], start, target_kw.clone(), 30), &Grant::unrestricted())
-            .await
-            .unwrap();
-        let window_end = start + target_kw.len() as i64 * MS_PER_MIN;
-        let entries: Vec<_> = engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
+        let (id, _, entries) = fridge_event(&engine, "guard").await;
+        let window_end = FRIDGE_EVENT_START + FRIDGE_EVENT_SLOTS as i64 * MS_PER_MIN;
         let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
         // Each says it will draw 500 W more for ten minutes two hours after the window, where nothing else pays back.
         let payback_w = 500;
@@ -612,7 +614,7 @@ fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
         assert!(reports.len() >= 20, "{} devices start first", reports.len());
         engine.report(&reports).await.unwrap();
         let config = test_config();
-        let cap_w = config.rebound_guard_share * config.rebound_fraction_max * 20e3;
+        let cap_w = config.rebound_guard_share * config.rebound_fraction_max * FRIDGE_EVENT_KW * 1e3;
         let status = |d: ApplianceId| {
             engine
                 .ledger()
