@@ -26,6 +26,8 @@ pub struct Picked {
     pub picked_at: Instant,
     /// Highest counter used.
     pub counter_hwm: u64,
+    /// Per class, how much more often its households override than they declared (what the plan counted on).
+    pub override_factor: [f64; N_CLASSES],
 }
 
 pub struct DispatchInput<'a> {
@@ -168,6 +170,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         plan_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
         picked_at,
         counter_hwm: first + n,
+        override_factor,
     })
 }
 

@@ -334,7 +334,7 @@ impl Engine {
                     && let Some(a) = inner.registry.get(c.command.device)
                 {
                     let p = override_chance(a.override_rate(), f64::from(c.command.deferral_s) / 60.0);
-                    st.add_device(a.household, c.command, a.class, a.expected_reduction_w(), p);
+                    st.add_device(a.household, c.command, a.class, a.expected_reduction_w(), p, a.rated_power_w);
                 }
             }
         }
@@ -643,9 +643,12 @@ impl Engine {
         {
             let mut st = rt.lock();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
-                let rate = self.inner.registry.get(r.appliance).map_or(0.0, |a| a.override_rate());
+                let a = self.inner.registry.get(r.appliance);
+                // At the rate the plan counted on: households deferred often override more than they declared.
+                let rate = a.map_or(0.0, |a| a.override_rate()) * picked.override_factor[r.class.index()];
                 let p = override_chance(rate, f64::from(r.deferral_s) / 60.0);
-                st.add_device(r.household, c.command, r.class, f64::from(r.reduction_kw) * 1e3, p);
+                let power_w = a.map_or(0, |a| a.rated_power_w);
+                st.add_device(r.household, c.command, r.class, f64::from(r.reduction_kw) * 1e3, p, power_w);
             }
             let plan = &mut st.record.plan;
             merge_evaluation(plan, &picked.evaluation, first_slot);

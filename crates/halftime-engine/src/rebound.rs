@@ -83,15 +83,15 @@ impl ReboundGuard {
         let tail = &mut self.tail_w;
         match (t.started_unix_ms, t.payback) {
             (Some(started), Some(p)) => {
-                let (from, to) = t.shed_interval().unwrap_or((started, started));
+                let (from, to) = t.deferred_interval().unwrap_or((started, started));
+                let (shed_to, shed_w) = t.shed().map_or((started, 0.0), |(_, to, w)| (to, w));
                 // Until it has ended, the household may still override it halfway, on average: shedding less and
                 // paying back sooner.
                 let p_override = if t.status.is_final() { 0.0 } else { t.override_chance.clamp(0.0, 1.0) };
-                let shed_w = f64::from(t.reduction_w);
-                let mut add = |p: Payback, shed_to: i64, weight: f64| {
+                let mut add = |p: Payback, until: i64, weight: f64| {
                     let w = sign * weight;
                     add_interval(tail, window_end_unix_ms, p.from_unix_ms, p.to_unix_ms, w * f64::from(p.power_w));
-                    add_interval(tail, window_end_unix_ms, from, shed_to, -w * shed_w);
+                    add_interval(tail, window_end_unix_ms, from, until.min(shed_to), -w * shed_w);
                 };
                 add(p, to, 1.0 - p_override);
                 let half = from + (to - from) / 2;
@@ -175,6 +175,7 @@ mod tests {
             planned_w: 100.0,
             payback: None,
             override_chance,
+            power_w: 0,
         }
     }
 

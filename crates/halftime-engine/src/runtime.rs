@@ -3,7 +3,7 @@
 
 use crate::rebound::ReboundGuard;
 use halftime_core::Payback;
-use halftime_core::appliance::N_CLASSES;
+use halftime_core::appliance::{N_CLASSES, Timing};
 use halftime_core::time::{MS_PER_MIN, slot_of};
 use halftime_core::{
     ApplianceClass, ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId,
@@ -36,14 +36,22 @@ pub struct DeviceTrack {
     pub payback: Option<Payback>,
     /// Chance that the household overrides this deferral (`core::physics::override_chance`).
     pub override_chance: f64,
+    /// The appliance's rated draw, W (0 if unknown).
+    pub power_w: u32,
 }
 
 impl DeviceTrack {
-    /// The engine's guess at the payback of a deferral ended early at `at`, until the device says: what it said
-    /// for the planned end, in proportion to the part of the window it deferred (a paused session runs late by as
-    /// long as it was paused; a compressor makes back what it shed), from where that payback began.
+    /// The engine's guess at the payback of a deferral ended early at `at`, until the device says. A paused
+    /// session that would have ended within the deferral runs, from `at` or from when it would have ended, for as
+    /// long as it was paused; otherwise it is what the device said for the planned end, in proportion to the part
+    /// of the window it deferred (a session runs late by as long as it was paused; a compressor makes back what it
+    /// shed), from where that payback began.
     pub fn payback_if_ended_at(&self, at: i64) -> Option<Payback> {
         let (p, start) = (self.payback?, self.started_unix_ms?);
+        if let Some(session_end) = self.session_end_unix_ms() {
+            let (from_unix_ms, to_unix_ms) = (at.max(session_end), at + (session_end - start));
+            return (to_unix_ms > from_unix_ms).then_some(Payback { from_unix_ms, to_unix_ms, ..p });
+        }
         let planned_ms = i64::from(self.command.deferral_s) * 1000;
         if planned_ms <= 0 {
             return None;
@@ -53,14 +61,40 @@ impl DeviceTrack {
         (to_unix_ms > p.from_unix_ms).then_some(Payback { to_unix_ms, ..p })
     }
 
-    /// The interval over which this device shed load, if it started.
-    pub fn shed_interval(&self) -> Option<(i64, i64)> {
+    /// The interval over which this device was deferred, if it started.
+    pub fn deferred_interval(&self) -> Option<(i64, i64)> {
         let start = self.started_unix_ms?;
-        let mut end = (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms);
-        if let Some(e) = self.ended_unix_ms {
-            end = end.min(e);
-        }
+        let end = self.planned_end_unix_ms(start).min(self.ended_unix_ms.unwrap_or(i64::MAX));
         (end > start).then_some((start, end))
+    }
+
+    fn planned_end_unix_ms(&self, start: i64) -> i64 {
+        (start + i64::from(self.command.deferral_s) * 1000).min(self.command.not_after_unix_ms)
+    }
+
+    /// When a paused cycle or charging session would have ended, if within its deferral. The device reports its
+    /// shed as an average over the planned deferral; such a session sheds its full draw until it would have ended
+    /// and nothing after (`core::physics`), so less than its full draw says when that is: an EV that reports half
+    /// its draw over a twenty-minute deferral had ten minutes of charging left.
+    fn session_end_unix_ms(&self) -> Option<i64> {
+        let start = self.started_unix_ms?;
+        let (reduction_w, power_w) = (f64::from(self.reduction_w), f64::from(self.power_w));
+        let session = matches!(self.class.profile().timing, Timing::Cycle { .. });
+        if !session || reduction_w <= 0.0 || power_w <= reduction_w {
+            return None;
+        }
+        let planned_ms = (self.planned_end_unix_ms(start) - start) as f64;
+        Some(start + (planned_ms * reduction_w / power_w).round() as i64)
+    }
+
+    /// When it started, until when it sheds, and at what draw, W: a thermostat sheds about its reported average
+    /// throughout, a paused session its full draw until it would have ended.
+    pub fn shed(&self) -> Option<(i64, i64, f64)> {
+        let (start, end) = self.deferred_interval()?;
+        Some(match self.session_end_unix_ms() {
+            Some(session_end) => (start, end.min(session_end), f64::from(self.power_w)),
+            None => (start, end, f64::from(self.reduction_w)),
+        })
     }
 }
 
@@ -207,6 +241,7 @@ impl RuntimeState {
         class: ApplianceClass,
         reduction_w: f64,
         override_chance: f64,
+        power_w: u32,
     ) {
         let expected_w = self.expected_report.w(class, reduction_w, command.deferral_s);
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
@@ -224,6 +259,7 @@ impl RuntimeState {
             planned_w: reduction_w,
             payback: None,
             override_chance,
+            power_w,
         };
         let window_end = self.record.spec.end_unix_ms();
         self.rebound.add(window_end, &track, 1.0);
@@ -270,11 +306,10 @@ impl RuntimeState {
     /// closed loop plans it again among devices not yet deferred.
     fn guard_release(&mut self, device: ApplianceId, at_unix_ms: i64) {
         let Some(t) = self.devices.get(&device) else { return };
-        if let Some((from, to)) = t.shed_interval() {
+        if let Some((from, to, shed_w)) = t.shed() {
             let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
             self.realised.deviation_w.resize(n, 0.0);
-            let lost_w = -f64::from(t.reduction_w);
-            add_interval(&mut self.realised.deviation_w, slot0, from.max(at_unix_ms), to, lost_w);
+            add_interval(&mut self.realised.deviation_w, slot0, from.max(at_unix_ms), to, -shed_w);
         }
         self.guard_releases.push(device);
         self.rebound.n_released += 1;
@@ -297,7 +332,7 @@ impl RuntimeState {
         let mut candidates: Vec<(f64, ApplianceId)> = self
             .devices
             .iter()
-            .filter(|(_, t)| !t.status.is_final() && t.shed_interval().is_some_and(|(_, to)| to > now_unix_ms))
+            .filter(|(_, t)| !t.status.is_final() && t.deferred_interval().is_some_and(|(_, to)| to > now_unix_ms))
             .filter_map(|(&d, t)| {
                 let p = t.payback?;
                 let overlap_ms = (p.to_unix_ms.min(b) - p.from_unix_ms.max(a)).max(0);
@@ -403,10 +438,10 @@ impl RuntimeState {
         let n = self.record.spec.target_w.len();
         let mut out = vec![0.0; n];
         for t in self.devices.values() {
-            let Some((from, to)) = t.shed_interval() else {
+            let Some((from, to, shed_w)) = t.shed() else {
                 continue;
             };
-            add_interval(&mut out, start, from, to, f64::from(t.reduction_w));
+            add_interval(&mut out, start, from, to, shed_w);
         }
         out
     }
@@ -476,8 +511,8 @@ mod tests {
         let (mut st, _, command) = event(1_000.0, 5);
         let start = st.record.spec.start_unix_ms;
         // Fridges, whose mean response over any window is what they shed at a random moment.
-        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::Fridge, 400.0, 0.0);
-        st.add_device(HouseholdId(2), command(2, start), ApplianceClass::Fridge, 600.0, 0.0);
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::Fridge, 400.0, 0.0, 135);
+        st.add_device(HouseholdId(2), command(2, start), ApplianceClass::Fridge, 600.0, 0.0, 135);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
         st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0, None);
@@ -538,7 +573,7 @@ mod tests {
         let start = st.record.spec.start_unix_ms;
         for d in 1..=3 {
             // planned_w 0: nothing expected of them before they say, so the test sees only what they say.
-            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0);
+            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0, 0);
         }
         st.rebound.cap_w = Some(10_000.0);
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 60, 65));
@@ -578,7 +613,7 @@ mod tests {
         let (mut st, window_end, command) = event(10_000.0, 10);
         let start = st.record.spec.start_unix_ms;
         for d in 1..=4 {
-            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0);
+            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 0.0, 0.0, 0);
         }
         // Reported before the cap was known (the guard was not yet on).
         st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 5, 6));
@@ -596,6 +631,36 @@ mod tests {
         assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 1), 1);
         st.rebound.cap_w = Some(30_000.0);
         assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 0);
+    }
+
+    /// A paused charging session sheds its charger's full draw until the session would have ended, and nothing
+    /// after: what it reports (an average over its deferral) says when that is. A fridge sheds its average
+    /// throughout. Both in what the event delivered and in what the guard projects after the window; and
+    /// overridden, the session runs late by as long as it was paused, from when it would have ended.
+    #[test]
+    fn a_paused_session_sheds_its_full_draw_until_it_would_have_ended() {
+        let (mut st, window_end, command) = event(10_000.0, 20);
+        let start = st.record.spec.start_unix_ms;
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::EvCharger, 0.0, 0.0, 7_000);
+        st.add_device(HouseholdId(2), command(2, start), ApplianceClass::Fridge, 0.0, 0.0, 135);
+        // The session had 15 of the deferral's 20 minutes left: it pays back those 15 minutes after release.
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 5_250, payback(window_end, 10, 25));
+        let fridge_payback = Payback { power_w: 135, ..payback(window_end, 30, 32).unwrap() };
+        st.apply(ApplianceId(2), DeviceStatus::Started, start, 40, Some(fridge_payback));
+        let delivered = st.delivered_w();
+        assert!(delivered.iter().all(|&w| (w - 7_040.0).abs() < 1e-6), "{delivered:?}");
+        let tail = &st.rebound.tail_w;
+        let want = |k: usize| match k {
+            0..5 => -7_040.0,
+            5..10 => -40.0,
+            10..25 => 7_000.0,
+            30..32 => 135.0,
+            _ => 0.0,
+        };
+        assert!((0..40).all(|k| (tail[k] - want(k)).abs() < 1e-6), "{:?}", &tail[..30]);
+        // Overridden after 12 minutes, it charges the 12 minutes it was paused from when it would have ended.
+        let ev = &st.devices[&ApplianceId(1)];
+        assert_eq!(ev.payback_if_ended_at(start + 12 * MS_PER_MIN), payback(window_end, 5, 17));
     }
 
     #[test]
