@@ -387,6 +387,25 @@ impl Engine {
         Some((rt, guard_pending))
     }
 
+    /// A release the engine sends: the event stops counting the device's shed at once, but the ledger charges
+    /// the deferral in full until the device says it resumed. A release may never reach the device, and budget
+    /// given back at once could defer another of the household's appliances while this one still waits (at 120x
+    /// virtual time, a second of delivery is two minutes of deferral).
+    fn apply_release(&self, o: &Outcome) {
+        let Some(rt) = self.inner.events.get(&o.event).map(|e| Arc::clone(&e)) else { return };
+        let applied = {
+            let mut st = rt.lock();
+            let applied = st.apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, None);
+            if let (runtime::Applied::EndEarly(_), Some(t)) = (applied, st.devices.get_mut(&o.appliance)) {
+                t.resume_unconfirmed = true;
+            }
+            applied
+        };
+        if !matches!(applied, runtime::Applied::Unknown | runtime::Applied::Ignored) {
+            self.inner.ledger.set_status(o.household, o.event, o.appliance, o.status);
+        }
+    }
+
     pub fn now_unix_ms(&self) -> i64 {
         self.inner.clock.now_unix_ms()
     }
@@ -875,7 +894,13 @@ impl Engine {
         })
         .await??;
         for o in &outcomes {
-            self.apply_outcome(o, None);
+            // An override is the household's own: its deferral counts as ended when it asked (the rate of
+            // overrides learned per class counts on that).
+            if status == DeviceStatus::Overridden {
+                self.apply_outcome(o, None);
+            } else {
+                self.apply_release(o);
+            }
         }
         self.inner.headend.enqueue(&d.commands, self.now_unix_ms());
         rt.publish();

@@ -176,6 +176,7 @@ mod tests {
             payback: None,
             override_chance,
             power_w: 0,
+            resume_unconfirmed: false,
         }
     }
 

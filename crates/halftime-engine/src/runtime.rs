@@ -38,6 +38,9 @@ pub struct DeviceTrack {
     pub override_chance: f64,
     /// The appliance's rated draw, W (0 if unknown).
     pub power_w: u32,
+    /// Released by the engine, and the device has not yet said when it resumed: the ledger charges the deferral
+    /// in full until it does.
+    pub resume_unconfirmed: bool,
 }
 
 impl DeviceTrack {
@@ -260,6 +263,7 @@ impl RuntimeState {
             payback: None,
             override_chance,
             power_w,
+            resume_unconfirmed: false,
         };
         let window_end = self.record.spec.end_unix_ms();
         self.rebound.add(window_end, &track, 1.0);
@@ -374,6 +378,14 @@ impl RuntimeState {
             // a retry): acknowledged, and what it will really pay back replaces the engine's guess.
             if payback.is_some() && track.started_unix_ms.is_some() {
                 track.payback = payback;
+            }
+            // The device says when it really resumed after the engine released it: the ledger charges it until
+            // then, not until the moment the engine decided.
+            if track.resume_unconfirmed
+                && matches!(status, DeviceStatus::Released | DeviceStatus::Completed | DeviceStatus::Overridden)
+            {
+                track.resume_unconfirmed = false;
+                return Applied::EndEarly(at);
             }
             return Applied::Ignored;
         }

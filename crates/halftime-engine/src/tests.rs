@@ -581,7 +581,7 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
 
 /// Devices say what they will pay back when they start. Once what they said fills the event's rebound cap in some
 /// minute, every further device whose payback lands there is released at once, with a signed release the
-/// head-end holds for it; the others keep deferring.
+/// head-end holds for it; the others keep deferring. The ledger charges a released one until it says it resumed.
 #[test]
 fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
     let dir = tempfile::tempdir().unwrap();
@@ -637,5 +637,16 @@ fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
         // As many as fit under the cap keep deferring; every one after them is released.
         let fit = (cap_w / f64::from(payback_w)).floor() as usize;
         assert_eq!((kept, released), (fit, reports.len() - fit), "cap {cap_w} W");
+        // The ledger charges a released deferral in full until the device says when it resumed: the release may
+        // never reach it.
+        let r = reports.iter().find(|r| status(r.device).unwrap().status == DeviceStatus::Released).unwrap();
+        let planned = entries.iter().find(|e| e.reservation.appliance == r.device).unwrap().reservation;
+        assert_eq!(status(r.device).unwrap().reservation, planned);
+        let resumed_unix_ms = first + 90_000;
+        let said = DeviceReport { status: DeviceStatus::Released, at_unix_ms: resumed_unix_ms, payback: None, ..*r };
+        engine.report(&[said]).await.unwrap();
+        let charged = status(r.device).unwrap().reservation;
+        assert_eq!(charged.not_after_unix_ms, resumed_unix_ms);
+        assert_eq!(charged.deferral_s, ((resumed_unix_ms - planned.not_before_unix_ms) / 1000) as u32);
     });
 }
