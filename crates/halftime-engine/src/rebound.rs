@@ -77,6 +77,19 @@ impl ReboundGuard {
     /// payback less its reported shed once it has said, its class's average response until then (or if it cannot
     /// say), nothing if it never deferred or shed nothing.
     pub fn add(&mut self, window_end_unix_ms: i64, t: &DeviceTrack, sign: f64) {
+        if let Some(at) = t.guard_released_at
+            && !t.status.is_final()
+        {
+            // Queued for release: counted as released from then on, with the engine's guess at its payback.
+            let released = DeviceTrack {
+                status: DeviceStatus::Released,
+                ended_unix_ms: Some(t.ended_unix_ms.map_or(at, |e| e.min(at))),
+                payback: t.payback_if_ended_at(at),
+                guard_released_at: None,
+                ..t.clone()
+            };
+            return self.add(window_end_unix_ms, &released, sign);
+        }
         if self.tail_w.is_empty() {
             self.tail_w = vec![0.0; TAIL_SLOTS];
         }
@@ -104,6 +117,8 @@ impl ReboundGuard {
             // Never started, or started shedding nothing (an idle appliance): nothing to pay back.
             (None, _) if t.status.is_final() => {}
             (Some(_), None) if t.reduction_w == 0 => {}
+            // Ended the moment it started (released at once): it deferred nothing.
+            (Some(_), None) if t.deferred_interval().is_none() => {}
             (started, _) => {
                 if matches!(t.status, DeviceStatus::Rejected | DeviceStatus::Expired) {
                     return;
@@ -177,6 +192,7 @@ mod tests {
             override_chance,
             power_w: 0,
             resume_unconfirmed: false,
+            guard_released_at: None,
         }
     }
 

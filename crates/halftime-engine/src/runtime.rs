@@ -13,6 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::watch;
 
+/// Devices the rebound guard holds queued for release, at most: the release of a batch empties the queue.
+const GUARD_RELEASES_QUEUED_MAX: usize = 10_000;
+
 /// How long after its last command's end an event waits for device reports still in flight before its
 /// progress is final.
 const REPORT_GRACE_MS: i64 = 60_000;
@@ -41,6 +44,9 @@ pub struct DeviceTrack {
     /// Released by the engine, and the device has not yet said when it resumed: the ledger charges the deferral
     /// in full until it does.
     pub resume_unconfirmed: bool,
+    /// Queued for release by the rebound guard at this time: the projection counts it as released from then on,
+    /// so a burst of reports queues only as many as the cap needs.
+    pub guard_released_at: Option<i64>,
 }
 
 impl DeviceTrack {
@@ -264,6 +270,7 @@ impl RuntimeState {
             override_chance,
             power_w,
             resume_unconfirmed: false,
+            guard_released_at: None,
         };
         let window_end = self.record.spec.end_unix_ms();
         self.rebound.add(window_end, &track, 1.0);
@@ -309,12 +316,23 @@ impl RuntimeState {
     /// Queues `device` for release by the rebound guard at `at_unix_ms`. Its shed from then on is lost: the
     /// closed loop plans it again among devices not yet deferred.
     fn guard_release(&mut self, device: ApplianceId, at_unix_ms: i64) {
-        let Some(t) = self.devices.get(&device) else { return };
-        if let Some((from, to, shed_w)) = t.shed() {
+        if self.guard_releases.len() >= GUARD_RELEASES_QUEUED_MAX {
+            return;
+        }
+        let Some(t) = self.devices.get_mut(&device) else { return };
+        if t.guard_released_at.is_some() {
+            return;
+        }
+        let before = t.clone();
+        t.guard_released_at = Some(at_unix_ms);
+        if let Some((from, to, shed_w)) = before.shed() {
             let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
             self.realised.deviation_w.resize(n, 0.0);
             add_interval(&mut self.realised.deviation_w, slot0, from.max(at_unix_ms), to, -shed_w);
         }
+        let window_end = self.record.spec.end_unix_ms();
+        self.rebound.add(window_end, &before, -1.0);
+        self.rebound.add(window_end, &self.devices[&device], 1.0);
         self.guard_releases.push(device);
         self.rebound.n_released += 1;
     }
@@ -336,7 +354,8 @@ impl RuntimeState {
         let mut candidates: Vec<(f64, ApplianceId)> = self
             .devices
             .iter()
-            .filter(|(_, t)| !t.status.is_final() && t.deferred_interval().is_some_and(|(_, to)| to > now_unix_ms))
+            .filter(|(_, t)| t.guard_released_at.is_none() && !t.status.is_final())
+            .filter(|(_, t)| t.deferred_interval().is_some_and(|(_, to)| to > now_unix_ms))
             .filter_map(|(&d, t)| {
                 let p = t.payback?;
                 let overlap_ms = (p.to_unix_ms.min(b) - p.from_unix_ms.max(a)).max(0);
@@ -643,6 +662,30 @@ mod tests {
         assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 1), 1);
         st.rebound.cap_w = Some(30_000.0);
         assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 0);
+    }
+
+    /// A deferral the guard releases as it starts counts for nothing in the projection, from the moment it is
+    /// queued: a burst of reports then queues only as many as the cap needs. (Counted at its class average
+    /// instead, at national scale the projection never came down and the guard released until memory ran out.)
+    #[test]
+    fn a_deferral_the_guard_releases_as_it_starts_counts_for_nothing() {
+        let (mut st, window_end, command) = event(10_000.0, 10);
+        let start = st.record.spec.start_unix_ms;
+        for d in 1..=2 {
+            st.add_device(HouseholdId(d), command(d, start), ApplianceClass::EvCharger, 1_000.0, 0.0, 7_000);
+        }
+        let mut others = crate::rebound::ReboundGuard::default();
+        others.add(window_end, &st.devices[&ApplianceId(2)], 1.0);
+        st.rebound.cap_w = Some(1_000.0);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 60, 65));
+        assert_eq!(st.guard_releases, vec![ApplianceId(1)]);
+        // Queued, and again once the engine's release is applied: nothing of it is left.
+        for step in ["queued", "released"] {
+            let off = st.rebound.tail_w.iter().zip(&others.tail_w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(off < 1e-6, "{step}: projection off by {off} W");
+            st.apply(ApplianceId(1), DeviceStatus::Released, start, 0, None);
+        }
+        assert_eq!(st.shave_rebound(start, 100), 0, "a queued device is not queued again");
     }
 
     /// A paused charging session sheds its charger's full draw until the session would have ended, and nothing
