@@ -340,7 +340,7 @@ impl Engine {
         }
         // Payback forecasts are not stored: after a restart the guard counts on class averages.
         for o in outcomes {
-            self.apply_outcome(&o, None);
+            self.apply_outcome(&o, None, false);
         }
         for e in inner.events.iter() {
             e.advance_and_publish(inner.clock.now_unix_ms());
@@ -369,11 +369,26 @@ impl Engine {
 
     /// Applies a status change to its event; returns the event, and whether its rebound guard now has devices
     /// to release.
-    fn apply_outcome(&self, o: &Outcome, payback: Option<Payback>) -> Option<(Arc<EventRuntime>, bool)> {
+    /// `charge_until_resumed` is for a release the engine sends: the event stops counting the device's shed at
+    /// once, but the ledger charges the deferral in full until the device says it resumed. A release may never
+    /// reach the device, and budget given back at once could defer another of the household's appliances while
+    /// this one still waits (at 120x virtual time, a second of delivery is two minutes of deferral).
+    fn apply_outcome(
+        &self,
+        o: &Outcome,
+        payback: Option<Payback>,
+        charge_until_resumed: bool,
+    ) -> Option<(Arc<EventRuntime>, bool)> {
         let rt = self.inner.events.get(&o.event).map(|e| Arc::clone(&e))?;
         let (applied, guard_pending) = {
             let mut st = rt.lock();
-            let applied = st.apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, payback);
+            let mut applied = st.apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, payback);
+            if charge_until_resumed
+                && let (runtime::Applied::EndEarly(_), Some(t)) = (applied, st.devices.get_mut(&o.appliance))
+            {
+                t.resume_unconfirmed = true;
+                applied = runtime::Applied::Status;
+            }
             (applied, !st.guard_releases.is_empty())
         };
         match applied {
@@ -385,25 +400,6 @@ impl Engine {
             }
         }
         Some((rt, guard_pending))
-    }
-
-    /// A release the engine sends: the event stops counting the device's shed at once, but the ledger charges
-    /// the deferral in full until the device says it resumed. A release may never reach the device, and budget
-    /// given back at once could defer another of the household's appliances while this one still waits (at 120x
-    /// virtual time, a second of delivery is two minutes of deferral).
-    fn apply_release(&self, o: &Outcome) {
-        let Some(rt) = self.inner.events.get(&o.event).map(|e| Arc::clone(&e)) else { return };
-        let applied = {
-            let mut st = rt.lock();
-            let applied = st.apply(o.appliance, o.status, o.at_unix_ms, o.reduction_w, None);
-            if let (runtime::Applied::EndEarly(_), Some(t)) = (applied, st.devices.get_mut(&o.appliance)) {
-                t.resume_unconfirmed = true;
-            }
-            applied
-        };
-        if !matches!(applied, runtime::Applied::Unknown | runtime::Applied::Ignored) {
-            self.inner.ledger.set_status(o.household, o.event, o.appliance, o.status);
-        }
     }
 
     pub fn now_unix_ms(&self) -> i64 {
@@ -896,11 +892,7 @@ impl Engine {
         for o in &outcomes {
             // An override is the household's own: its deferral counts as ended when it asked (the rate of
             // overrides learned per class counts on that).
-            if status == DeviceStatus::Overridden {
-                self.apply_outcome(o, None);
-            } else {
-                self.apply_release(o);
-            }
+            self.apply_outcome(o, None, status != DeviceStatus::Overridden);
         }
         self.inner.headend.enqueue(&d.commands, self.now_unix_ms());
         rt.publish();
@@ -1111,7 +1103,7 @@ impl Engine {
                 at_unix_ms: r.at_unix_ms,
                 reduction_w: r.reduction_w,
             };
-            match self.apply_outcome(&o, r.payback) {
+            match self.apply_outcome(&o, r.payback, false) {
                 // Progress is published by the tick, at most a few times a second.
                 Some((rt, guard_pending)) => {
                     if guard_pending && !guarded.iter().any(|g| Arc::ptr_eq(g, &rt)) {
@@ -1251,7 +1243,7 @@ fn tick(inner: &Arc<Inner>) {
                 at_unix_ms: now,
                 reduction_w: 0,
             };
-            engine.apply_outcome(&o, None);
+            engine.apply_outcome(&o, None, false);
             // Best effort: with the writer's queue full, the expiry shows in progress but is not persisted.
             let _ = inner.outcomes.try_send(WriterMsg::Outcome(o));
         }
