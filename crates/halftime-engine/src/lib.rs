@@ -1279,16 +1279,20 @@ const TOP_UP_SHORTFALL_SHARE_MIN: f64 = 0.02;
 /// A top-up draws only on classes that carry at least this share of the event's planned reduction.
 const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
 
-/// Once a minute per active event: weighs what its started devices reported against what the plan expected of
-/// them, and where that foretells a shortfall in a minute still to come, tops the event up on a task of its own
-/// (at most [`TOP_UPS_MAX`] times, one at a time).
+/// Once a minute per event under way: holds its projected rebound under the cap (from the window's start until
+/// its last deferral has ended), and, during the window, weighs what its started devices reported against what
+/// the plan expected of them; where that foretells a shortfall in a minute still to come, tops the event up on a
+/// task of its own (at most [`TOP_UPS_MAX`] times, one at a time).
 fn weigh_events(inner: &Arc<Inner>, now: i64) {
     for e in inner.events.iter() {
         let rt = e.value();
         let top_up = {
             let mut guard = rt.lock();
             let st = &mut *guard;
-            if st.record.state != EventState::Active || now < st.weighed_unix_ms.saturating_add(WEIGH_INTERVAL_MS) {
+            // The guard follows the rebound after the window too, while deferrals are still under way; the
+            // top-up only the window itself.
+            let guarding = matches!(st.record.state, EventState::Active | EventState::Completed) && !st.closed;
+            if !guarding || now < st.weighed_unix_ms.saturating_add(WEIGH_INTERVAL_MS) {
                 continue;
             }
             st.weighed_unix_ms = now;
@@ -1304,7 +1308,7 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
                 }
             }
             let realised = &st.realised;
-            if realised.expected_w <= 0.0 {
+            if st.record.state != EventState::Active || realised.expected_w <= 0.0 {
                 continue;
             }
             let ratio = realised.reported_w / realised.expected_w;

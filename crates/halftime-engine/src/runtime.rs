@@ -1,7 +1,7 @@
 //! Live state of one event: every dispatched device's command and status, the counts `WatchEvent` streams,
 //! and the delivered reduction, recomputed from device reports.
 
-use crate::rebound::ReboundGuard;
+use crate::rebound::{ReboundGuard, TAIL_SLOTS};
 use halftime_core::Payback;
 use halftime_core::appliance::{N_CLASSES, Timing};
 use halftime_core::time::{MS_PER_MIN, slot_of};
@@ -15,6 +15,11 @@ use tokio::sync::watch;
 
 /// Devices the rebound guard holds queued for release, at most: the release of a batch empties the queue.
 const GUARD_RELEASES_QUEUED_MAX: usize = 10_000;
+/// Candidates the guard weighs per release it may make in a minute: after the window, most releases would only
+/// move payback into a minute with no room for it.
+const GUARD_TRIES_PER_MINUTE_FACTOR: usize = 4;
+/// A release's effect on a minute smaller than this is rounding (its contribution taken out and put back), W.
+const DELTA_TOLERANCE_W: f64 = 1e-6;
 
 /// How long after its last command's end an event waits for device reports still in flight before its
 /// progress is final.
@@ -308,39 +313,63 @@ impl RuntimeState {
             && !after.status.is_final()
             && self.rebound.over_cap(window_end, after)
         {
-            self.guard_release(device, at_unix_ms);
+            self.guard_release(device, at_unix_ms, None);
         }
         applied
     }
 
-    /// Queues `device` for release by the rebound guard at `at_unix_ms`. Its shed from then on is lost: the
-    /// closed loop plans it again among devices not yet deferred.
-    fn guard_release(&mut self, device: ApplianceId, at_unix_ms: i64) {
+    /// Queues `device` for release by the rebound guard at `at_unix_ms`, if that helps: the release takes nothing
+    /// over the cap in a minute from then on that the projection had under it (after the window, a release moves
+    /// payback earlier and ends shed that was absorbing payback), and, given `worst_slot`, lowers that minute.
+    /// Its shed from then on is lost: the closed loop plans it again among devices not yet deferred. Returns
+    /// whether it was queued.
+    fn guard_release(&mut self, device: ApplianceId, at_unix_ms: i64, worst_slot: Option<usize>) -> bool {
         if self.guard_releases.len() >= GUARD_RELEASES_QUEUED_MAX {
-            return;
+            return false;
         }
-        let Some(t) = self.devices.get_mut(&device) else { return };
-        if t.guard_released_at.is_some() {
-            return;
+        let Some(before) = self.devices.get(&device) else { return false };
+        if before.guard_released_at.is_some() {
+            return false;
         }
-        let before = t.clone();
-        t.guard_released_at = Some(at_unix_ms);
+        let before = before.clone();
+        let after = DeviceTrack { guard_released_at: Some(at_unix_ms), ..before.clone() };
+        let window_end = self.record.spec.end_unix_ms();
+        // The release's effect alone: both contributions summed into an empty projection.
+        let projection = std::mem::replace(&mut self.rebound.tail_w, vec![0.0; TAIL_SLOTS]);
+        self.rebound.add(window_end, &before, -1.0);
+        self.rebound.add(window_end, &after, 1.0);
+        let delta_w = std::mem::replace(&mut self.rebound.tail_w, projection);
+        let cap_w = self.rebound.cap_w.unwrap_or(f64::INFINITY);
+        let now_slot = (at_unix_ms - window_end).div_euclid(MS_PER_MIN).max(0) as usize;
+        let fits = delta_w
+            .iter()
+            .zip(&self.rebound.tail_w)
+            .skip(now_slot)
+            .all(|(d, w)| *d <= DELTA_TOLERANCE_W || w + d <= cap_w);
+        let lowers = worst_slot.is_none_or(|s| delta_w.get(s).is_some_and(|d| *d < -DELTA_TOLERANCE_W));
+        if !(fits && lowers) {
+            return false;
+        }
+        for (w, d) in self.rebound.tail_w.iter_mut().zip(&delta_w) {
+            *w += d;
+        }
         if let Some((from, to, shed_w)) = before.shed() {
             let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
             self.realised.deviation_w.resize(n, 0.0);
             add_interval(&mut self.realised.deviation_w, slot0, from.max(at_unix_ms), to, -shed_w);
         }
-        let window_end = self.record.spec.end_unix_ms();
-        self.rebound.add(window_end, &before, -1.0);
-        self.rebound.add(window_end, &self.devices[&device], 1.0);
+        self.devices.insert(device, after);
         self.guard_releases.push(device);
         self.rebound.n_released += 1;
+        true
     }
 
     /// Where the projected rebound is over the cap in a minute to come, queues for release the deferrals still
     /// under way whose payback lands there, largest first, until what they pay back there covers the excess (at
-    /// most `n_max`). Released early, a compressor pays back sooner, inside the window, and a paused session runs
-    /// late by less. Devices that said nothing stay: the guard knows their payback only on average.
+    /// most `n_max`, trying at most [`GUARD_TRIES_PER_MINUTE_FACTOR`] times as many). Released early, a
+    /// compressor pays back sooner, inside the window, and a paused session runs late by less; after the window
+    /// only where that earlier payback fits under the cap. Devices that said nothing stay: the guard knows their
+    /// payback only on average. Runs from the window's start until the event's last deferral has ended.
     pub fn shave_rebound(&mut self, now_unix_ms: i64, n_max: usize) -> usize {
         let Some(cap_w) = self.rebound.cap_w else { return 0 };
         let window_end = self.record.spec.end_unix_ms();
@@ -365,13 +394,14 @@ impl RuntimeState {
         candidates.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
         let mut excess_w = peak_w - cap_w;
         let mut n = 0;
-        for (w, device) in candidates {
+        for (w, device) in candidates.into_iter().take(n_max.saturating_mul(GUARD_TRIES_PER_MINUTE_FACTOR)) {
             if excess_w <= 0.0 || n >= n_max {
                 break;
             }
-            self.guard_release(device, now_unix_ms);
-            excess_w -= w;
-            n += 1;
+            if self.guard_release(device, now_unix_ms, Some(slot)) {
+                excess_w -= w;
+                n += 1;
+            }
         }
         n
     }
@@ -654,14 +684,50 @@ mod tests {
         st.apply(ApplianceId(4), DeviceStatus::Overridden, start + MS_PER_MIN, 0, payback(window_end, 5, 6));
         assert!(st.guard_releases.is_empty());
         st.rebound.cap_w = Some(15_000.0);
-        // 28 kW in minute 5 against a cap of 15: two of the three still deferred, the lowest ids among equals.
-        assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 2);
-        assert_eq!(st.guard_releases, vec![ApplianceId(1), ApplianceId(2)]);
-        // At most `n_max`, and nothing where the projection is under the cap.
-        st.guard_releases.clear();
+        // 28 kW in minute 5 against a cap of 15: two of the three still deferred, the lowest ids among equals, at
+        // most `n_max` at a time. Released now, device 2's ten minutes of payback would still begin in minute 5
+        // (the engine's guess keeps where it began), so it is passed over.
         assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 1), 1);
+        assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 1);
+        assert_eq!(st.guard_releases, vec![ApplianceId(1), ApplianceId(3)]);
+        // Nothing where the projection is under the cap.
         st.rebound.cap_w = Some(30_000.0);
         assert_eq!(st.shave_rebound(start + 2 * MS_PER_MIN, 100), 0);
+    }
+
+    /// After the window, releasing a paused session moves its payback earlier and ends shed that absorbed
+    /// payback: the guard releases one only where that fits under the cap.
+    #[test]
+    fn after_the_window_the_guard_releases_only_where_the_earlier_payback_fits() {
+        for blocked in [true, false] {
+            let (mut st, window_end, command) = event(10_000.0, 30);
+            let minute = |m: i64| window_end + m * MS_PER_MIN;
+            // Three chargers start five minutes after the window with a quarter of an hour of charging left: they
+            // shed 7 kW each until minute 20 and, resumed at minute 35, pay back until minute 50.
+            for d in 1..=3 {
+                st.add_device(HouseholdId(d), command(d, minute(5)), ApplianceClass::EvCharger, 0.0, 0.0, 7_000);
+                st.apply(ApplianceId(d), DeviceStatus::Started, minute(5), 3_500, payback(window_end, 35, 50));
+            }
+            if blocked {
+                // A deferral that has ended pays back 10 kW from minute 20 to 25.
+                st.add_device(HouseholdId(4), command(4, minute(-10)), ApplianceClass::Fridge, 0.0, 0.0, 0);
+                st.apply(ApplianceId(4), DeviceStatus::Started, minute(-10), 0, None);
+                let p = Payback { power_w: 10_000, ..payback(window_end, 20, 25).unwrap() };
+                st.apply(ApplianceId(4), DeviceStatus::Completed, minute(-10), 0, Some(p));
+            }
+            st.rebound.cap_w = Some(15_000.0);
+            assert!((st.rebound.tail_w[40] - 21_000.0).abs() < 1e-6, "{}", st.rebound.tail_w[40]);
+            // Released at minute 10, a charger runs from then until minute 25, paying back 7 kW from minute 20.
+            let released = st.shave_rebound(minute(10), 100);
+            if blocked {
+                assert_eq!(released, 0, "minutes 20-25 would go to 17 kW");
+                assert!((st.rebound.tail_w[40] - 21_000.0).abs() < 1e-6);
+            } else {
+                assert_eq!(released, 1, "one release brings minute 40 to 14 kW");
+                assert!((st.rebound.tail_w[40] - 14_000.0).abs() < 1e-6, "{}", st.rebound.tail_w[40]);
+                assert!((st.rebound.tail_w[22] - 7_000.0).abs() < 1e-6, "{}", st.rebound.tail_w[22]);
+            }
+        }
     }
 
     /// A deferral the guard releases as it starts counts for nothing in the projection, from the moment it is
