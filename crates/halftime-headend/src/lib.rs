@@ -3,8 +3,11 @@
 //!
 //! - Every link has a bounded queue of command batches. Delivery never waits on a link: a full queue leaves
 //!   the command unacknowledged, and the retry tick sends it again later, so a slow link never stalls others.
-//! - A command stays unacknowledged until its device reports receipt; it is re-sent every `retry_interval`
-//!   until its expiry, then given up and reported as expired.
+//! - A command stays unacknowledged until its device reports receipt; it is re-sent with exponential backoff
+//!   (`retry_interval`, doubling up to [`RETRY_DOUBLINGS_MAX`] times) until its expiry, then given up and
+//!   reported as expired. A link with more than half its queue still waiting gets no re-sends: what it has
+//!   not read yet is most likely the very commands that would be re-sent, and at a million devices re-sending
+//!   them multiplied the work (and the memory) of a slow gateway tenfold.
 //! - A device with no link (offline) gets its commands when it attaches.
 //! - Every command not yet expired is kept per device for resync after a reconnect.
 //!
@@ -13,13 +16,15 @@
 use ahash::RandomState;
 use dashmap::DashMap;
 use halftime_core::{ApplianceId, SignedCommand};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 /// Most commands in one batch sent down a link.
 pub const BATCH_LEN_MAX: usize = 1024;
+/// A command's retry delay doubles after each re-send, this many times at most (5 s becomes 80 s).
+pub const RETRY_DOUBLINGS_MAX: u32 = 4;
 
 #[derive(Clone, Debug)]
 pub struct HeadEndConfig {
@@ -53,9 +58,15 @@ struct Held {
     command: SignedCommand,
     acked: bool,
     next_retry_unix_ms: i64,
+    /// Times re-sent since it was queued or its device attached.
+    resends: u32,
 }
 
 impl Held {
+    fn new(command: SignedCommand, next_retry_unix_ms: i64) -> Self {
+        Self { command, acked: false, next_retry_unix_ms, resends: 0 }
+    }
+
     fn expired(&self, now_unix_ms: i64) -> bool {
         self.command.command.not_after_unix_ms <= now_unix_ms
     }
@@ -126,6 +137,7 @@ impl HeadEnd {
             if let Some(mut list) = self.held.get_mut(&d) {
                 for h in list.iter_mut().filter(|h| !h.acked && !h.expired(now_unix_ms)) {
                     h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                    h.resends = 0;
                     pending.push(h.command);
                 }
             }
@@ -150,11 +162,7 @@ impl HeadEnd {
             let mut list = self.held.entry(device).or_default();
             // Expired and unacknowledged ones stay for `tick` to report.
             list.retain(|h| !(h.acked && h.expired(now_unix_ms)));
-            list.push(Held {
-                command: *c,
-                acked: false,
-                next_retry_unix_ms: now_unix_ms + self.config.retry_interval_ms,
-            });
+            list.push(Held::new(*c, now_unix_ms + self.config.retry_interval_ms));
             drop(list);
             if let Some(link) = self.routes.get(&device) {
                 by_link.entry(*link).or_default().push(*c);
@@ -202,6 +210,9 @@ impl HeadEnd {
     /// Re-sends what is due and gives up on what has expired; returns the expired commands.
     pub fn tick(&self, now_unix_ms: i64) -> (Vec<SignedCommand>, TickReport) {
         let mut expired = Vec::new();
+        let mut report = TickReport::default();
+        let busy: HashSet<LinkId> =
+            self.links.iter().filter(|l| l.capacity() < l.max_capacity() / 2).map(|l| *l.key()).collect();
         let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
         self.held.retain(|device, list| {
             list.retain_mut(|h| {
@@ -212,9 +223,19 @@ impl HeadEnd {
                     return false;
                 }
                 if !h.acked && h.next_retry_unix_ms <= now_unix_ms {
-                    h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
-                    if let Some(link) = self.routes.get(device) {
-                        by_link.entry(*link).or_default().push(h.command);
+                    match self.routes.get(device).map(|l| *l) {
+                        Some(link) if busy.contains(&link) => {
+                            // Looked at again next interval, without counting as a re-send.
+                            h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                            report.deferred_by_backpressure += 1;
+                        }
+                        Some(link) => {
+                            h.next_retry_unix_ms = now_unix_ms + self.retry_delay_ms(h.resends);
+                            h.resends = h.resends.saturating_add(1);
+                            by_link.entry(link).or_default().push(h.command);
+                        }
+                        // Offline: it goes out when the device attaches.
+                        None => h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms,
                     }
                 }
                 true
@@ -222,7 +243,9 @@ impl HeadEnd {
             !list.is_empty()
         });
         self.n_unacked.fetch_sub(expired.len(), Ordering::Relaxed);
-        let mut report = TickReport::default();
+        if report.deferred_by_backpressure > 0 {
+            metrics::counter!("halftime_headend_backpressure_total").increment(report.deferred_by_backpressure);
+        }
         for (link, cmds) in by_link {
             report.resent += cmds.len() as u64;
             report.deferred_by_backpressure += self.send_to_link(link, cmds);
@@ -231,6 +254,11 @@ impl HeadEnd {
         metrics::counter!("halftime_headend_expired_total").increment(expired.len() as u64);
         metrics::gauge!("halftime_headend_unacked").set(self.n_unacked() as f64);
         (expired, report)
+    }
+
+    /// How long after its `resends`-th re-send a command is tried again.
+    fn retry_delay_ms(&self, resends: u32) -> i64 {
+        self.config.retry_interval_ms.saturating_mul(1 << resends.min(RETRY_DOUBLINGS_MAX))
     }
 
     /// Commands for a device that have not expired, oldest first (for resync after a reconnect).
@@ -243,11 +271,9 @@ impl HeadEnd {
 
     /// Remembers a command for resync without sending it (recovery after a restart).
     pub fn restore_active(&self, command: SignedCommand) {
-        self.held.entry(command.command.device).or_default().push(Held {
-            command,
-            acked: true,
-            next_retry_unix_ms: i64::MAX,
-        });
+        let mut held = Held::new(command, i64::MAX);
+        held.acked = true;
+        self.held.entry(command.command.device).or_default().push(held);
     }
 }
 
@@ -325,5 +351,33 @@ mod tests {
             }
         }
         assert_eq!(seen, 5);
+    }
+
+    #[tokio::test]
+    async fn re_sends_back_off_and_skip_a_link_that_has_not_read_half_its_queue() {
+        let he = HeadEnd::new(HeadEndConfig { link_queue_batches: 4, retry_interval_ms: 1_000, outstanding_max: 100 });
+        let (_l, mut rx) = he.attach(&[ApplianceId(1)], 0);
+        he.enqueue(&[cmd(1, 10, 1_000_000)], 0);
+        rx.recv().await.unwrap();
+        // Never acknowledged: re-sent at 1 s, then 1 s, 2 s, 4 s, 8 s, 16 s later, and every 16 s after that.
+        let mut resent_at = Vec::new();
+        for t in (0..=80_000).step_by(500) {
+            let (_, report) = he.tick(t);
+            if report.resent > 0 {
+                resent_at.push(t);
+                rx.recv().await.unwrap();
+            }
+        }
+        assert_eq!(resent_at, [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 48_000, 64_000, 80_000]);
+
+        // A second link that reads nothing: after three batches its queue is more than half full.
+        let (_busy, _busy_rx) = he.attach(&[ApplianceId(2), ApplianceId(3), ApplianceId(4)], 80_000);
+        for d in 2..=4 {
+            he.enqueue(&[cmd(d, 20 + d, 1_000_000)], 80_000);
+        }
+        let (_, report) = he.tick(90_000);
+        assert_eq!(report.resent, 0, "nothing is re-sent down a busy link");
+        assert_eq!(report.deferred_by_backpressure, 3);
+        assert_eq!(he.n_unacked(), 4);
     }
 }
