@@ -14,7 +14,7 @@ use halftime_signer::TrustedKeys;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -113,7 +113,7 @@ impl LinkBuilder {
                 .map(|(id, guard, appliance)| (id, Device { guard, appliance, running: None }))
                 .collect(),
             timers: BinaryHeap::new(),
-            outbox: Outbox { pending: Vec::new(), dropped: 0, clock },
+            outbox: Outbox { pending: VecDeque::new(), dropped: 0, clock },
             connected: connected_tx,
         };
         let task = tokio::spawn(runtime.run(control_rx));
@@ -170,9 +170,9 @@ struct Runtime {
     connected: watch::Sender<bool>,
 }
 
-/// Reports waiting to go up, bounded.
+/// Reports waiting to go up, bounded: when full, the oldest goes.
 struct Outbox {
-    pending: Vec<pb::StatusReport>,
+    pending: VecDeque<pb::StatusReport>,
     dropped: u64,
     clock: Arc<dyn Clock>,
 }
@@ -203,7 +203,7 @@ impl Outbox {
         payback: Option<Payback>,
     ) {
         if self.pending.len() >= PENDING_REPORTS_MAX {
-            self.pending.remove(0);
+            self.pending.pop_front();
             self.dropped += 1;
         }
         let r = DeviceReport {
@@ -216,7 +216,7 @@ impl Outbox {
             reduction_w,
             payback,
         };
-        self.pending.push(halftime_proto::report_to_pb(&r));
+        self.pending.push_back(halftime_proto::report_to_pb(&r));
     }
 }
 
@@ -315,7 +315,7 @@ impl Runtime {
         }
         loop {
             if !self.outbox.pending.is_empty() {
-                let reports = std::mem::take(&mut self.outbox.pending);
+                let reports = Vec::from(std::mem::take(&mut self.outbox.pending));
                 let msg = pb::Uplink { msg: Some(pb::uplink::Msg::Reports(pb::ReportBatch { reports })) };
                 if up_tx.send(msg).await.is_err() {
                     return Exit::Disconnected("uplink closed".into());
@@ -499,4 +499,24 @@ impl Runtime {
 
 fn deferral_of(a: crate::guard::Active) -> Deferral {
     Deferral { event: a.event, counter: a.counter, start_unix_ms: a.start_unix_ms, end_unix_ms: a.end_unix_ms }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ScaledClock;
+
+    #[test]
+    fn a_full_outbox_drops_its_oldest_report() {
+        let mut outbox = Outbox { pending: VecDeque::new(), dropped: 0, clock: Arc::new(ScaledClock::new(0, 1.0)) };
+        let n = PENDING_REPORTS_MAX as u64 + 3;
+        for counter in 0..n {
+            outbox.report(ApplianceId(1), EventId(1), counter, DeviceStatus::Received, None, 0);
+        }
+        assert_eq!(outbox.pending.len(), PENDING_REPORTS_MAX);
+        assert_eq!(outbox.dropped, 3);
+        let kept: Vec<u64> = Vec::from(std::mem::take(&mut outbox.pending)).iter().map(|r| r.counter).collect();
+        assert_eq!(kept.first(), Some(&3), "the three oldest went");
+        assert_eq!(kept.last(), Some(&(n - 1)));
+    }
 }

@@ -3,11 +3,13 @@
 //!
 //! - Every link has a bounded queue of command batches. Delivery never waits on a link: a full queue leaves
 //!   the command unacknowledged, and the retry tick sends it again later, so a slow link never stalls others.
-//! - A command stays unacknowledged until its device reports receipt; it is re-sent with exponential backoff
-//!   (`retry_interval`, doubling up to [`RETRY_DOUBLINGS_MAX`] times) until its expiry, then given up and
-//!   reported as expired. A link with more than half its queue still waiting gets no re-sends: what it has
-//!   not read yet is most likely the very commands that would be re-sent, and at a million devices re-sending
-//!   them multiplied the work (and the memory) of a slow gateway tenfold.
+//! - A command stays unacknowledged until its device reports receipt, and is given up and reported as expired
+//!   at its expiry. Until then it is re-sent when it looks lost, not merely late: when a command sent after it
+//!   down the same link has been acknowledged (links are ordered), or when the link has been silent about it
+//!   for [`HeadEnd::silent_link_retry_ms`]. Re-sends back off exponentially (`retry_interval`, doubling up to
+//!   [`RETRY_DOUBLINGS_MAX`] times). A link with more than half its queue unread gets no re-sends at all.
+//!   Why: a gateway verifying a million commands acknowledges them a minute late; re-sending on a fixed
+//!   interval sent each one ten times, and each copy came back as another receipt to process.
 //! - A device with no link (offline) gets its commands when it attaches.
 //! - Every command not yet expired is kept per device for resync after a reconnect.
 //!
@@ -18,12 +20,13 @@ use dashmap::DashMap;
 use halftime_core::{ApplianceId, SignedCommand};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 
 /// Most commands in one batch sent down a link.
 pub const BATCH_LEN_MAX: usize = 1024;
-/// A command's retry delay doubles after each re-send, this many times at most (5 s becomes 80 s).
+/// A command's retry delay doubles after each re-send, this many times at most (5 s becomes 80 s); a link silent
+/// about a command for that long gets it again.
 pub const RETRY_DOUBLINGS_MAX: u32 = 4;
 
 #[derive(Clone, Debug)]
@@ -60,11 +63,13 @@ struct Held {
     next_retry_unix_ms: i64,
     /// Times re-sent since it was queued or its device attached.
     resends: u32,
+    /// The link it last went into the queue of, and when; `None` if it has not (offline, or a full queue).
+    sent: Option<(LinkId, i64)>,
 }
 
 impl Held {
     fn new(command: SignedCommand, next_retry_unix_ms: i64) -> Self {
-        Self { command, acked: false, next_retry_unix_ms, resends: 0 }
+        Self { command, acked: false, next_retry_unix_ms, resends: 0, sent: None }
     }
 
     fn expired(&self, now_unix_ms: i64) -> bool {
@@ -75,13 +80,23 @@ impl Held {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TickReport {
     pub resent: u64,
+    /// Not re-sent because the link's queue is more than half full, or it could not take them.
     pub deferred_by_backpressure: u64,
+    /// Due but not re-sent: nothing sent after them down their link has been acknowledged yet.
+    pub awaiting_link: u64,
+}
+
+struct Link {
+    tx: mpsc::Sender<Vec<SignedCommand>>,
+    /// The latest send time among the commands acknowledged through this link: a command sent before it and
+    /// still unacknowledged was most likely lost.
+    acked_sent_unix_ms: AtomicI64,
 }
 
 pub struct HeadEnd {
     config: HeadEndConfig,
     next_link: AtomicU64,
-    links: DashMap<LinkId, mpsc::Sender<Vec<SignedCommand>>>,
+    links: DashMap<LinkId, Link>,
     // Per-device maps use aHash: they are looked up for every command, and SipHash was most of their cost.
     routes: DashMap<ApplianceId, LinkId, RandomState>,
     /// Every command not yet expired, per device; one map so a command costs one lookup and one copy.
@@ -130,7 +145,7 @@ impl HeadEnd {
     pub fn attach(&self, devices: &[ApplianceId], now_unix_ms: i64) -> (LinkId, LinkReceiver) {
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.config.link_queue_batches);
-        self.links.insert(id, tx);
+        self.links.insert(id, Link { tx, acked_sent_unix_ms: AtomicI64::new(i64::MIN) });
         let mut pending = Vec::new();
         for &d in devices {
             self.routes.insert(d, id);
@@ -138,6 +153,7 @@ impl HeadEnd {
                 for h in list.iter_mut().filter(|h| !h.acked && !h.expired(now_unix_ms)) {
                     h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
                     h.resends = 0;
+                    h.sent = Some((id, now_unix_ms));
                     pending.push(h.command);
                 }
             }
@@ -162,11 +178,12 @@ impl HeadEnd {
             let mut list = self.held.entry(device).or_default();
             // Expired and unacknowledged ones stay for `tick` to report.
             list.retain(|h| !(h.acked && h.expired(now_unix_ms)));
-            list.push(Held::new(*c, now_unix_ms + self.config.retry_interval_ms));
-            drop(list);
-            if let Some(link) = self.routes.get(&device) {
-                by_link.entry(*link).or_default().push(*c);
+            let mut held = Held::new(*c, now_unix_ms + self.config.retry_interval_ms);
+            if let Some(link) = self.routes.get(&device).map(|l| *l) {
+                held.sent = Some((link, now_unix_ms));
+                by_link.entry(link).or_default().push(*c);
             }
+            list.push(held);
         }
         self.n_unacked.fetch_add(commands.len(), Ordering::Relaxed);
         let mut deferred = 0;
@@ -177,21 +194,26 @@ impl HeadEnd {
         deferred
     }
 
-    /// Sends in batches; returns how many commands the link could not take now.
+    /// Sends in batches; returns how many commands the link could not take now, and marks those as not sent.
     fn send_to_link(&self, link: LinkId, commands: Vec<SignedCommand>) -> u64 {
-        let Some(tx) = self.links.get(&link).map(|t| t.clone()) else {
-            return commands.len() as u64;
-        };
-        let mut deferred = 0u64;
+        let tx = self.links.get(&link).map(|l| l.tx.clone());
+        let mut refused: Vec<SignedCommand> = Vec::new();
         for chunk in commands.chunks(BATCH_LEN_MAX) {
-            if tx.try_send(chunk.to_vec()).is_err() {
-                deferred += chunk.len() as u64;
+            if tx.as_ref().is_none_or(|tx| tx.try_send(chunk.to_vec()).is_err()) {
+                refused.extend_from_slice(chunk);
             }
         }
-        if deferred > 0 {
-            metrics::counter!("halftime_headend_backpressure_total").increment(deferred);
+        for c in &refused {
+            if let Some(mut list) = self.held.get_mut(&c.command.device)
+                && let Some(h) = list.iter_mut().find(|h| h.command.command.counter == c.command.counter)
+            {
+                h.sent = None;
+            }
         }
-        deferred
+        if !refused.is_empty() {
+            metrics::counter!("halftime_headend_backpressure_total").increment(refused.len() as u64);
+        }
+        refused.len() as u64
     }
 
     /// A device acknowledged the command with this counter.
@@ -203,6 +225,11 @@ impl HeadEnd {
             return false;
         };
         h.acked = true;
+        if let Some((link, sent_unix_ms)) = h.sent
+            && let Some(l) = self.links.get(&link)
+        {
+            l.acked_sent_unix_ms.fetch_max(sent_unix_ms, Ordering::Relaxed);
+        }
         self.n_unacked.fetch_sub(1, Ordering::Relaxed);
         true
     }
@@ -212,7 +239,10 @@ impl HeadEnd {
         let mut expired = Vec::new();
         let mut report = TickReport::default();
         let busy: HashSet<LinkId> =
-            self.links.iter().filter(|l| l.capacity() < l.max_capacity() / 2).map(|l| *l.key()).collect();
+            self.links.iter().filter(|l| l.tx.capacity() < l.tx.max_capacity() / 2).map(|l| *l.key()).collect();
+        let acked_sent: HashMap<LinkId, i64> =
+            self.links.iter().map(|l| (*l.key(), l.acked_sent_unix_ms.load(Ordering::Relaxed))).collect();
+        let silent_ms = self.silent_link_retry_ms();
         let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
         self.held.retain(|device, list| {
             list.retain_mut(|h| {
@@ -230,9 +260,24 @@ impl HeadEnd {
                             report.deferred_by_backpressure += 1;
                         }
                         Some(link) => {
-                            h.next_retry_unix_ms = now_unix_ms + self.retry_delay_ms(h.resends);
-                            h.resends = h.resends.saturating_add(1);
-                            by_link.entry(link).or_default().push(h.command);
+                            let lost = match h.sent {
+                                Some((l, sent_unix_ms)) if l == link => {
+                                    acked_sent.get(&link).is_some_and(|&a| a > sent_unix_ms)
+                                        || now_unix_ms.saturating_sub(sent_unix_ms) >= silent_ms
+                                }
+                                // Never queued, or queued to a link the device has since left.
+                                _ => true,
+                            };
+                            if lost {
+                                h.next_retry_unix_ms = now_unix_ms + self.retry_delay_ms(h.resends);
+                                h.resends = h.resends.saturating_add(1);
+                                h.sent = Some((link, now_unix_ms));
+                                by_link.entry(link).or_default().push(h.command);
+                            } else {
+                                // Late behind a slow link, not lost: sending it again would only add to the queue.
+                                h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                                report.awaiting_link += 1;
+                            }
                         }
                         // Offline: it goes out when the device attaches.
                         None => h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms,
@@ -251,6 +296,7 @@ impl HeadEnd {
             report.deferred_by_backpressure += self.send_to_link(link, cmds);
         }
         metrics::counter!("halftime_headend_resent_total").increment(report.resent);
+        metrics::counter!("halftime_headend_awaiting_link_total").increment(report.awaiting_link);
         metrics::counter!("halftime_headend_expired_total").increment(expired.len() as u64);
         metrics::gauge!("halftime_headend_unacked").set(self.n_unacked() as f64);
         (expired, report)
@@ -259,6 +305,12 @@ impl HeadEnd {
     /// How long after its `resends`-th re-send a command is tried again.
     fn retry_delay_ms(&self, resends: u32) -> i64 {
         self.config.retry_interval_ms.saturating_mul(1 << resends.min(RETRY_DOUBLINGS_MAX))
+    }
+
+    /// How long a link may stay silent about a command (acknowledging nothing sent after it) before it is sent
+    /// again: the longest retry delay.
+    pub fn silent_link_retry_ms(&self) -> i64 {
+        self.retry_delay_ms(RETRY_DOUBLINGS_MAX)
     }
 
     /// Commands for a device that have not expired, oldest first (for resync after a reconnect).
@@ -311,9 +363,13 @@ mod tests {
         assert_eq!(he.n_unacked(), 2);
         assert!(he.ack(ApplianceId(1), 10));
         assert!(!he.ack(ApplianceId(1), 10), "a second ack changes nothing");
-        // Unacknowledged 11 is re-sent after the retry interval, then expires.
+        // Unacknowledged 11 is late, not lost, until its link has been silent for the longest retry delay; then
+        // it is re-sent, and at its expiry given up.
         let (expired, report) = he.tick(2_000);
         assert!(expired.is_empty());
+        assert_eq!((report.resent, report.awaiting_link), (0, 1));
+        assert_eq!(he.silent_link_retry_ms(), 16_000);
+        let (_, report) = he.tick(16_010);
         assert_eq!(report.resent, 1);
         assert_eq!(rx2.recv().await.unwrap()[0].command.counter, 11);
         let (expired, _) = he.tick(60_000);
@@ -354,30 +410,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn re_sends_back_off_and_skip_a_link_that_has_not_read_half_its_queue() {
+    async fn a_command_is_re_sent_once_a_later_one_down_its_link_is_acknowledged_with_backoff() {
         let he = HeadEnd::new(HeadEndConfig { link_queue_batches: 4, retry_interval_ms: 1_000, outstanding_max: 100 });
-        let (_l, mut rx) = he.attach(&[ApplianceId(1)], 0);
+        let (_l, mut rx) = he.attach(&[ApplianceId(1), ApplianceId(2)], 0);
         he.enqueue(&[cmd(1, 10, 1_000_000)], 0);
         rx.recv().await.unwrap();
-        // Never acknowledged: re-sent at 1 s, then 1 s, 2 s, 4 s, 8 s, 16 s later, and every 16 s after that.
+        // Device 2, on the same link, acknowledges a fresh command every half second; device 1 never does, so
+        // its command looks lost and is re-sent after 1 s, then 1 s, 2 s, 4 s, 8 s, 16 s later, and every 16 s.
         let mut resent_at = Vec::new();
         for t in (0..=80_000).step_by(500) {
+            he.enqueue(&[cmd(2, 1_000 + t as u64, 1_000_000)], t);
+            he.ack(ApplianceId(2), 1_000 + t as u64);
             let (_, report) = he.tick(t);
             if report.resent > 0 {
                 resent_at.push(t);
-                rx.recv().await.unwrap();
             }
+            while rx.try_recv().is_ok() {}
         }
         assert_eq!(resent_at, [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 48_000, 64_000, 80_000]);
+    }
 
-        // A second link that reads nothing: after three batches its queue is more than half full.
-        let (_busy, _busy_rx) = he.attach(&[ApplianceId(2), ApplianceId(3), ApplianceId(4)], 80_000);
+    #[tokio::test]
+    async fn nothing_is_re_sent_down_a_link_that_has_not_read_half_its_queue() {
+        let he = HeadEnd::new(HeadEndConfig { link_queue_batches: 4, retry_interval_ms: 1_000, outstanding_max: 100 });
+        let (_busy, _busy_rx) = he.attach(&[ApplianceId(2), ApplianceId(3), ApplianceId(4)], 0);
         for d in 2..=4 {
-            he.enqueue(&[cmd(d, 20 + d, 1_000_000)], 80_000);
+            he.enqueue(&[cmd(d, 20 + d, 1_000_000)], 0);
         }
-        let (_, report) = he.tick(90_000);
-        assert_eq!(report.resent, 0, "nothing is re-sent down a busy link");
+        // Long past the silence limit, and still nothing goes.
+        let (_, report) = he.tick(30_000);
+        assert_eq!(report.resent, 0);
         assert_eq!(report.deferred_by_backpressure, 3);
-        assert_eq!(he.n_unacked(), 4);
+        assert_eq!(he.n_unacked(), 3);
     }
 }
