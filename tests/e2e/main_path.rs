@@ -271,3 +271,51 @@ async fn a_device_that_sleeps_through_its_window_does_not_start_late() {
     link.shutdown().await;
     world.running.stop().await;
 }
+
+/// A gateway that sends more reports in one batch than a link should still has every one applied: the server
+/// hands them to the engine in bounded chunks rather than dropping the excess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_report_batch_loses_no_report() {
+    use halftime_proto::pb::device_link_client::DeviceLinkClient;
+    let world = World::new(10).await;
+    let (up, up_rx) = tokio::sync::mpsc::channel(4);
+    let hello = pb::Hello { link_name: "raw".into(), device_ids: world.devices.iter().map(|d| d.0).collect() };
+    up.send(pb::Uplink { msg: Some(pb::uplink::Msg::Hello(hello)) }).await.unwrap();
+    let mut link = DeviceLinkClient::connect(world.url.clone()).await.unwrap();
+    let mut down = link.attach(tokio_stream::wrappers::ReceiverStream::new(up_rx)).await.unwrap().into_inner();
+    assert!(matches!(down.message().await.unwrap().unwrap().msg, Some(pb::downlink::Msg::HelloAck(_))));
+
+    let mut op = operator(&world.url).await;
+    let r = op.submit_stress_event(submit("oversized", vec![3.0, 3.0], 10)).await.unwrap().into_inner();
+    let n = r.plan.unwrap().n_appliances;
+    assert!(n > 0);
+    let mut commands = Vec::new();
+    while (commands.len() as u64) < n {
+        if let Some(pb::downlink::Msg::Commands(b)) = down.message().await.unwrap().unwrap().msg {
+            commands.extend(b.commands);
+        }
+    }
+    // Receipts for the real commands come after more filler (reports about devices the engine does not know)
+    // than one chunk holds.
+    let filler = pb::StatusReport {
+        device_id: 999_999,
+        event_id: r.event_id,
+        counter: 1,
+        status: pb::DeviceStatus::Received as i32,
+        ..Default::default()
+    };
+    let mut reports = vec![filler; halftime_proto::REPORT_BATCH_MAX + 1];
+    reports.extend(commands.iter().map(|c| pb::StatusReport {
+        device_id: c.device_id,
+        event_id: c.event_id,
+        counter: c.counter,
+        status: pb::DeviceStatus::Received as i32,
+        at_unix_ms: world.clock.now_unix_ms(),
+        ..Default::default()
+    }));
+    up.send(pb::Uplink { msg: Some(pb::uplink::Msg::Reports(pb::ReportBatch { reports })) }).await.unwrap();
+    let mut watch = op.watch_event(pb::WatchEventRequest { event_id: r.event_id }).await.unwrap().into_inner();
+    watch_until(&mut watch, "every command to be acknowledged", |p| p.acknowledged == n).await;
+    drop(up);
+    world.running.stop().await;
+}

@@ -314,8 +314,9 @@ impl Runtime {
             return Exit::Disconnected(why);
         }
         loop {
-            if !self.outbox.pending.is_empty() {
-                let reports = Vec::from(std::mem::take(&mut self.outbox.pending));
+            while !self.outbox.pending.is_empty() {
+                let n = self.outbox.pending.len().min(halftime_proto::REPORT_BATCH_MAX);
+                let reports: Vec<pb::StatusReport> = self.outbox.pending.drain(..n).collect();
                 let msg = pb::Uplink { msg: Some(pb::uplink::Msg::Reports(pb::ReportBatch { reports })) };
                 if up_tx.send(msg).await.is_err() {
                     return Exit::Disconnected("uplink closed".into());

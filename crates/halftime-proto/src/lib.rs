@@ -9,6 +9,10 @@ pub mod pb {
 /// Encoded file descriptor set of `halftime.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/halftime_v1_descriptor.bin"));
 
+/// Most reports a device link puts in one uplink `ReportBatch`; the server hands the engine at most this many
+/// at a time.
+pub const REPORT_BATCH_MAX: usize = 10_000;
+
 use halftime_core::{
     ApplianceClass, ApplianceId, CommandKind, DeferralCommand, DeviceReport, DeviceStatus, EventId, EventProgress,
     EventState, FieldError, Limits, PlanSummary, Priority, QuietWindow, RejectReason, SignedCommand,

@@ -20,8 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Most appliances in one enrolment call.
 pub const ENROL_BATCH_MAX: usize = 10_000;
-/// Most reports in one uplink batch.
-pub const REPORT_BATCH_MAX: usize = 10_000;
+pub use halftime_proto::REPORT_BATCH_MAX;
 /// Largest message the server decodes.
 pub const MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
@@ -344,29 +343,35 @@ impl DeviceLink for DeviceLinkService {
                 };
                 match next {
                     Ok(Some(pb::Uplink { msg: Some(UpMsg::Reports(batch)) })) => {
-                        let mut invalid = 0u64;
-                        let reports: Vec<_> = batch
-                            .reports
-                            .iter()
-                            .take(REPORT_BATCH_MAX)
-                            .enumerate()
-                            .filter_map(|(i, r)| match halftime_proto::report_from_pb(r, &format!("reports[{i}]")) {
-                                Ok((report, None)) => Some(report),
-                                Ok((report, Some(e))) => {
-                                    invalid += 1;
-                                    tracing::debug!(error = %e, "payback forecast dropped, report kept");
-                                    Some(report)
-                                }
-                                Err(e) => {
-                                    invalid += 1;
-                                    tracing::debug!(error = %e, "device report dropped");
-                                    None
-                                }
-                            })
-                            .collect();
-                        metrics::counter!("halftime_device_reports_invalid_total").increment(invalid);
-                        if let Err(e) = engine.report(&reports).await {
-                            tracing::error!(error = %e, "device reports");
+                        // A batch larger than a link should send is still all applied (its size is bounded by
+                        // the message size), a bounded chunk at a time: a device's report is never dropped for
+                        // arriving in company.
+                        for (k, chunk) in batch.reports.chunks(REPORT_BATCH_MAX).enumerate() {
+                            let mut invalid = 0u64;
+                            let reports: Vec<_> = chunk
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(i, r)| {
+                                    let field = format!("reports[{}]", k * REPORT_BATCH_MAX + i);
+                                    match halftime_proto::report_from_pb(r, &field) {
+                                        Ok((report, None)) => Some(report),
+                                        Ok((report, Some(e))) => {
+                                            invalid += 1;
+                                            tracing::debug!(error = %e, "payback forecast dropped, report kept");
+                                            Some(report)
+                                        }
+                                        Err(e) => {
+                                            invalid += 1;
+                                            tracing::debug!(error = %e, "device report dropped");
+                                            None
+                                        }
+                                    }
+                                })
+                                .collect();
+                            metrics::counter!("halftime_device_reports_invalid_total").increment(invalid);
+                            if let Err(e) = engine.report(&reports).await {
+                                tracing::error!(error = %e, "device reports");
+                            }
                         }
                     }
                     Ok(Some(_)) => {}
