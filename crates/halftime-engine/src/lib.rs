@@ -645,7 +645,7 @@ impl Engine {
         let hwm = picked.counter_hwm;
         // The batch comes back whether or not the write succeeded, so a failure undoes exactly its reservations.
         let (dispatch, persisted) = blocking(move || {
-            let written = store.next_dispatch_seq(event).and_then(|seq| store.put_dispatch(event, seq, &dispatch, hwm));
+            let written = store.append_dispatch(event, &dispatch, hwm);
             (dispatch, written)
         })
         .await?;
@@ -883,8 +883,7 @@ impl Engine {
             .collect();
         let o = outcomes.clone();
         let d = blocking(move || -> Result<Dispatch, EngineError> {
-            let seq = store.next_dispatch_seq(event)?;
-            store.put_dispatch(event, seq, &d, first + n)?;
+            store.append_dispatch(event, &d, first + n)?;
             store.append_outcomes(&o)?;
             Ok(d)
         })

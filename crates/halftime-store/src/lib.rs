@@ -17,8 +17,11 @@ const APPLIANCES: TableDefinition<u64, &[u8]> = TableDefinition::new("appliances
 const LIMITS: TableDefinition<u64, &[u8]> = TableDefinition::new("household_limits");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const IDEMPOTENCY: TableDefinition<&str, u64> = TableDefinition::new("idempotency_keys");
-/// Key: (event id, batch sequence number).
+/// Key: (event id, record sequence number).
 const DISPATCHES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("dispatches");
+/// Key: event id; value: its next free dispatch record number. Kept apart so that numbering a dispatch never reads
+/// a record (at national scale a record's leaf page was read whole, hundreds of megabytes, for every release).
+const DISPATCH_NEXT_SEQ: TableDefinition<u64, u32> = TableDefinition::new("dispatch_next_seq");
 /// Key: append sequence number.
 const OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("outcomes");
 
@@ -55,6 +58,10 @@ macro_rules! db_err {
 db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Most commands (and most reservations) in one stored dispatch record: a dispatch of a million and a half
+/// commands is kept as a few dozen records, so that no read or write handles a value of hundreds of megabytes.
+pub const DISPATCH_RECORD_LEN_MAX: usize = 50_000;
 
 /// One durable dispatch batch.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -105,7 +112,15 @@ impl Store {
             w.open_table(LIMITS)?;
             w.open_table(EVENTS)?;
             w.open_table(IDEMPOTENCY)?;
-            w.open_table(DISPATCHES)?;
+            let dispatches = w.open_table(DISPATCHES)?;
+            let mut next_seq = w.open_table(DISPATCH_NEXT_SEQ)?;
+            // A store written before records were numbered apart: number them from what it holds, once.
+            if next_seq.is_empty()? && !dispatches.is_empty()? {
+                for row in dispatches.iter()? {
+                    let (event, seq) = row?.0.value();
+                    next_seq.insert(event, seq + 1)?;
+                }
+            }
             w.open_table(OUTCOMES)?;
         }
         w.commit()?;
@@ -233,12 +248,34 @@ impl Store {
         Ok(t.get(idempotency_key)?.map(|v| EventId(v.value())))
     }
 
-    /// Makes a dispatch durable: its reservations, its signed commands and the counter high-water mark, in one
-    /// transaction. Commands may leave only after this returns.
-    pub fn put_dispatch(&self, event: EventId, seq: u32, dispatch: &Dispatch, counter_hwm: u64) -> Result<()> {
+    /// Makes a dispatch durable after its event's earlier ones: its reservations and signed commands (as records
+    /// of at most [`DISPATCH_RECORD_LEN_MAX`] each) and the counter high-water mark, in one transaction, which
+    /// also numbers them (so two dispatches of one event written at once never take the same number). Commands may
+    /// leave only after this returns. Returns the number of its first record.
+    pub fn append_dispatch(&self, event: EventId, dispatch: &Dispatch, counter_hwm: u64) -> Result<u32> {
+        let part = |v_len: usize, i: usize| {
+            (i * DISPATCH_RECORD_LEN_MAX).min(v_len)..((i + 1) * DISPATCH_RECORD_LEN_MAX).min(v_len)
+        };
+        let n_records =
+            dispatch.reservations.len().max(dispatch.commands.len()).div_ceil(DISPATCH_RECORD_LEN_MAX).max(1);
+        let n_records_u32 = u32::try_from(n_records).map_err(|_| StoreError::Encode("dispatch too large".into()))?;
         let w = self.db.begin_write()?;
+        let first;
         {
-            w.open_table(DISPATCHES)?.insert((event.0, seq), encode(dispatch)?.as_slice())?;
+            let mut next_seq = w.open_table(DISPATCH_NEXT_SEQ)?;
+            first = next_seq.get(event.0)?.map_or(0, |v| v.value());
+            let after = first
+                .checked_add(n_records_u32)
+                .ok_or_else(|| StoreError::Encode(format!("event {}: dispatch records exhausted", event.0)))?;
+            next_seq.insert(event.0, after)?;
+            let mut records = w.open_table(DISPATCHES)?;
+            for i in 0..n_records {
+                let record = Dispatch {
+                    reservations: dispatch.reservations[part(dispatch.reservations.len(), i)].to_vec(),
+                    commands: dispatch.commands[part(dispatch.commands.len(), i)].to_vec(),
+                };
+                records.insert((event.0, first + i as u32), encode(&record)?.as_slice())?;
+            }
             let mut meta = w.open_table(META)?;
             let current = match meta.get(META_COUNTER_HWM)? {
                 Some(v) => v.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
@@ -247,10 +284,10 @@ impl Store {
             meta.insert(META_COUNTER_HWM, current.max(counter_hwm).to_be_bytes().as_slice())?;
         }
         w.commit()?;
-        Ok(())
+        Ok(first)
     }
 
-    /// Every dispatch, in event and sequence order.
+    /// Every dispatch record, in event and sequence order.
     pub fn dispatches(&self) -> Result<Vec<(EventId, u32, Dispatch)>> {
         let r = self.db.begin_read()?;
         let t = r.open_table(DISPATCHES)?;
@@ -261,14 +298,6 @@ impl Store {
             out.push((EventId(event), seq, decode("dispatches", v.value())?));
         }
         Ok(out)
-    }
-
-    /// Next free dispatch sequence number of an event.
-    pub fn next_dispatch_seq(&self, event: EventId) -> Result<u32> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(DISPATCHES)?;
-        let last = t.range((event.0, 0)..=(event.0, u32::MAX))?.next_back().transpose()?;
-        Ok(last.map(|(k, _)| k.value().1 + 1).unwrap_or(0))
     }
 
     /// Appends outcomes in one transaction.
@@ -341,8 +370,10 @@ mod tests {
             s.set_signing_seed(&[3; 32]).unwrap();
             s.put_appliances(&[appliance]).unwrap();
             s.put_limits(&[(HouseholdId(9), Limits::system_default())]).unwrap();
-            s.put_dispatch(EventId(1), 0, &Dispatch { reservations: vec![reservation], commands: vec![] }, 77).unwrap();
-            s.put_dispatch(EventId(1), 1, &Dispatch { reservations: vec![], commands: vec![] }, 50).unwrap();
+            let first = Dispatch { reservations: vec![reservation], commands: vec![] };
+            assert_eq!(s.append_dispatch(EventId(1), &first, 77).unwrap(), 0);
+            let empty = Dispatch { reservations: vec![], commands: vec![] };
+            assert_eq!(s.append_dispatch(EventId(1), &empty, 50).unwrap(), 1);
             s.append_outcomes(&[outcome, outcome]).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
@@ -353,9 +384,51 @@ mod tests {
         let d = s.dispatches().unwrap();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].2.reservations, vec![reservation]);
-        assert_eq!(s.next_dispatch_seq(EventId(1)).unwrap(), 2);
-        assert_eq!(s.next_dispatch_seq(EventId(2)).unwrap(), 0);
+        let empty = Dispatch { reservations: vec![], commands: vec![] };
+        assert_eq!(s.append_dispatch(EventId(1), &empty, 0).unwrap(), 2, "numbered on after a reopen");
+        assert_eq!(s.append_dispatch(EventId(2), &empty, 0).unwrap(), 0);
         assert_eq!(s.outcomes().unwrap().len(), 2);
+    }
+
+    fn reservation(i: u64) -> Reservation {
+        Reservation {
+            household: HouseholdId(i),
+            appliance: ApplianceId(i),
+            class: ApplianceClass::Fridge,
+            event: EventId(1),
+            not_before_unix_ms: 0,
+            not_after_unix_ms: 60_000,
+            deferral_s: 60,
+            reduction_kw: 0.05,
+        }
+    }
+
+    /// A large dispatch is kept as bounded records, numbered in order and read back whole; a store written before
+    /// records were numbered apart numbers on from what it holds.
+    #[test]
+    fn a_large_dispatch_is_stored_as_bounded_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 2 * DISPATCH_RECORD_LEN_MAX + 1;
+        let big = Dispatch { reservations: (0..n as u64).map(reservation).collect(), commands: vec![] };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(s.append_dispatch(EventId(1), &big, 1).unwrap(), 0);
+            let records = s.dispatches().unwrap();
+            assert_eq!(records.iter().map(|r| r.1).collect::<Vec<_>>(), [0, 1, 2]);
+            assert!(records.iter().all(|r| r.2.reservations.len() <= DISPATCH_RECORD_LEN_MAX));
+            let all: Vec<Reservation> = records.into_iter().flat_map(|r| r.2.reservations).collect();
+            assert_eq!(all, big.reservations);
+            let small = Dispatch { reservations: vec![reservation(7)], commands: vec![] };
+            assert_eq!(s.append_dispatch(EventId(1), &small, 1).unwrap(), 3);
+            // As an older store would be: records, and no numbering table.
+            let w = s.db.begin_write().unwrap();
+            w.delete_table(DISPATCH_NEXT_SEQ).unwrap();
+            w.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let small = Dispatch { reservations: vec![reservation(8)], commands: vec![] };
+        assert_eq!(s.append_dispatch(EventId(1), &small, 1).unwrap(), 4);
+        assert_eq!(s.dispatches().unwrap().len(), 5);
     }
 
     #[test]
