@@ -18,7 +18,7 @@
 use ahash::RandomState;
 use dashmap::DashMap;
 use halftime_core::{ApplianceId, SignedCommand};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::mpsc;
@@ -238,10 +238,15 @@ impl HeadEnd {
     pub fn tick(&self, now_unix_ms: i64) -> (Vec<SignedCommand>, TickReport) {
         let mut expired = Vec::new();
         let mut report = TickReport::default();
-        let busy: HashSet<LinkId> =
-            self.links.iter().filter(|l| l.tx.capacity() < l.tx.max_capacity() / 2).map(|l| *l.key()).collect();
-        let acked_sent: HashMap<LinkId, i64> =
-            self.links.iter().map(|l| (*l.key(), l.acked_sent_unix_ms.load(Ordering::Relaxed))).collect();
+        // Per link: whether more than half its queue is unread, and the latest send time it has acknowledged.
+        let links: HashMap<LinkId, (bool, i64)> = self
+            .links
+            .iter()
+            .map(|l| {
+                let busy = l.tx.capacity() < l.tx.max_capacity() / 2;
+                (*l.key(), (busy, l.acked_sent_unix_ms.load(Ordering::Relaxed)))
+            })
+            .collect();
         let silent_ms = self.silent_link_retry_ms();
         let mut by_link: HashMap<LinkId, Vec<SignedCommand>> = HashMap::new();
         self.held.retain(|device, list| {
@@ -253,34 +258,28 @@ impl HeadEnd {
                     return false;
                 }
                 if !h.acked && h.next_retry_unix_ms <= now_unix_ms {
-                    match self.routes.get(device).map(|l| *l) {
-                        Some(link) if busy.contains(&link) => {
-                            // Looked at again next interval, without counting as a re-send.
-                            h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
-                            report.deferred_by_backpressure += 1;
+                    // Unless re-sent below, looked at again next interval without counting as a re-send. Offline,
+                    // it goes out when the device attaches.
+                    h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
+                    let Some(link) = self.routes.get(device).map(|l| *l) else { return true };
+                    let (busy, acked_sent_unix_ms) = links.get(&link).copied().unwrap_or((false, i64::MIN));
+                    let lost = match h.sent {
+                        Some((l, sent_unix_ms)) if l == link => {
+                            acked_sent_unix_ms > sent_unix_ms || now_unix_ms.saturating_sub(sent_unix_ms) >= silent_ms
                         }
-                        Some(link) => {
-                            let lost = match h.sent {
-                                Some((l, sent_unix_ms)) if l == link => {
-                                    acked_sent.get(&link).is_some_and(|&a| a > sent_unix_ms)
-                                        || now_unix_ms.saturating_sub(sent_unix_ms) >= silent_ms
-                                }
-                                // Never queued, or queued to a link the device has since left.
-                                _ => true,
-                            };
-                            if lost {
-                                h.next_retry_unix_ms = now_unix_ms + self.retry_delay_ms(h.resends);
-                                h.resends = h.resends.saturating_add(1);
-                                h.sent = Some((link, now_unix_ms));
-                                by_link.entry(link).or_default().push(h.command);
-                            } else {
-                                // Late behind a slow link, not lost: sending it again would only add to the queue.
-                                h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms;
-                                report.awaiting_link += 1;
-                            }
-                        }
-                        // Offline: it goes out when the device attaches.
-                        None => h.next_retry_unix_ms = now_unix_ms + self.config.retry_interval_ms,
+                        // Never queued, or queued to a link the device has since left.
+                        _ => true,
+                    };
+                    if busy {
+                        report.deferred_by_backpressure += 1;
+                    } else if !lost {
+                        // Late behind a slow link, not lost: sending it again would only add to the queue.
+                        report.awaiting_link += 1;
+                    } else {
+                        h.next_retry_unix_ms = now_unix_ms + self.retry_delay_ms(h.resends);
+                        h.resends = h.resends.saturating_add(1);
+                        h.sent = Some((link, now_unix_ms));
+                        by_link.entry(link).or_default().push(h.command);
                     }
                 }
                 true
