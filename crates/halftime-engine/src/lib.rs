@@ -1147,15 +1147,18 @@ impl Engine {
             (releases, st.record.id, st.rebound.cap_w.unwrap_or(0.0), peak, at)
         };
         let n = self.send_releases(rt, releases, DeviceStatus::Released).await?;
-        metrics::counter!("halftime_rebound_guard_releases_total").increment(n);
-        tracing::info!(
-            event = event.0,
-            released = n,
-            cap_kw = cap_w / 1e3,
-            projected_peak_kw = peak_w / 1e3,
-            peak_min_after_window = peak_at,
-            "rebound guard released deferrals"
-        );
+        // Another batch's call may have taken the queue first: nothing to say then.
+        if n > 0 {
+            metrics::counter!("halftime_rebound_guard_releases_total").increment(n);
+            tracing::info!(
+                event = event.0,
+                released = n,
+                cap_kw = cap_w / 1e3,
+                projected_peak_kw = peak_w / 1e3,
+                peak_min_after_window = peak_at,
+                "rebound guard released deferrals"
+            );
+        }
         Ok(())
     }
 
