@@ -294,17 +294,23 @@ pub fn report_to_pb(r: &DeviceReport) -> pb::StatusReport {
 
 /// A device report; an invalid payback forecast is dropped and returned beside it, since the status it came
 /// with (an override, say) must not be lost.
-pub fn report_from_pb(r: &pb::StatusReport, prefix: &str) -> Result<(DeviceReport, Option<FieldError>), FieldError> {
+pub fn report_from_pb(
+    r: &pb::StatusReport,
+    prefix: impl Fn() -> String,
+) -> Result<(DeviceReport, Option<FieldError>), FieldError> {
+    // The field's full name (`reports[i].status`) is built only for a report that fails: a gateway's batch holds
+    // thousands, nearly all valid.
+    let named = |e: FieldError| FieldError { field: format!("{}.{}", prefix(), e.field.trim_start_matches('.')), ..e };
     let (payback, payback_error) =
-        match halftime_core::validate::payback(r.payback_w, r.payback_from_unix_ms, r.payback_to_unix_ms, prefix) {
+        match halftime_core::validate::payback(r.payback_w, r.payback_from_unix_ms, r.payback_to_unix_ms, "") {
             Ok(p) => (p, None),
-            Err(e) => (None, Some(e)),
+            Err(e) => (None, Some(named(e))),
         };
     let report = DeviceReport {
-        device: halftime_core::validate::appliance_id(r.device_id, &format!("{prefix}.device_id"))?,
+        device: halftime_core::validate::appliance_id(r.device_id, "device_id").map_err(named)?,
         event: EventId(r.event_id),
         counter: r.counter,
-        status: status_from_pb(r.status, &format!("{prefix}.status"))?,
+        status: status_from_pb(r.status, "status").map_err(named)?,
         reject_reason: reject_from_pb(r.reject_reason),
         at_unix_ms: r.at_unix_ms,
         reduction_w: r.reduction_w,
@@ -340,12 +346,22 @@ mod tests {
     fn a_report_keeps_its_payback_and_a_bad_payback_loses_only_itself() {
         let payback = Some(Payback { power_w: 7_000, from_unix_ms: 60_000, to_unix_ms: 120_000 });
         for r in [started(None), started(payback)] {
-            assert_eq!(report_from_pb(&report_to_pb(&r), "reports[0]").unwrap(), (r, None));
+            assert_eq!(report_from_pb(&report_to_pb(&r), || "reports[0]".into()).unwrap(), (r, None));
         }
         let mut bad = report_to_pb(&started(payback));
         bad.payback_to_unix_ms = bad.payback_from_unix_ms;
-        let (kept, error) = report_from_pb(&bad, "reports[3]").unwrap();
+        let (kept, error) = report_from_pb(&bad, || "reports[3]".into()).unwrap();
         assert_eq!(kept, started(None));
         assert_eq!(error.unwrap().field, "reports[3].payback_to_unix_ms");
+    }
+
+    #[test]
+    fn a_report_that_fails_names_its_field_by_index() {
+        let mut no_device = report_to_pb(&started(None));
+        no_device.device_id = 0;
+        assert_eq!(report_from_pb(&no_device, || "reports[5]".into()).unwrap_err().field, "reports[5].device_id");
+        let mut no_status = report_to_pb(&started(None));
+        no_status.status = 999;
+        assert_eq!(report_from_pb(&no_status, || "reports[6]".into()).unwrap_err().field, "reports[6].status");
     }
 }

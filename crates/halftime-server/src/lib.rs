@@ -352,8 +352,8 @@ impl DeviceLink for DeviceLinkService {
                                 .iter()
                                 .enumerate()
                                 .filter_map(|(i, r)| {
-                                    let field = format!("reports[{}]", k * REPORT_BATCH_MAX + i);
-                                    match halftime_proto::report_from_pb(r, &field) {
+                                    let field = || format!("reports[{}]", k * REPORT_BATCH_MAX + i);
+                                    match halftime_proto::report_from_pb(r, field) {
                                         Ok((report, None)) => Some(report),
                                         Ok((report, Some(e))) => {
                                             invalid += 1;
