@@ -48,25 +48,20 @@ fn fail<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Fie
 }
 
 /// A device's payback forecast: none when `power_w` is 0; otherwise a stretch of at most a day with a rated
-/// appliance's power. `prefix` is the report's path (`reports[3]`).
-pub fn payback(
-    power_w: u32,
-    from_unix_ms: i64,
-    to_unix_ms: i64,
-    prefix: &str,
-) -> Result<Option<crate::report::Payback>, FieldError> {
+/// appliance's power. Fields are named within the report (`payback_w`); the caller adds the report's path.
+pub fn payback(power_w: u32, from_unix_ms: i64, to_unix_ms: i64) -> Result<Option<crate::report::Payback>, FieldError> {
     if power_w == 0 {
         return Ok(None);
     }
     if power_w > RATED_POWER_W_MAX {
-        return fail(format!("{prefix}.payback_w"), format!("at most {RATED_POWER_W_MAX} W"));
+        return fail("payback_w", format!("at most {RATED_POWER_W_MAX} W"));
     }
     let span_ms = to_unix_ms.checked_sub(from_unix_ms).unwrap_or(-1);
     if span_ms <= 0 {
-        return fail(format!("{prefix}.payback_to_unix_ms"), "must be after payback_from_unix_ms");
+        return fail("payback_to_unix_ms", "must be after payback_from_unix_ms");
     }
     if span_ms > crate::report::Payback::SPAN_MS_MAX {
-        return fail(format!("{prefix}.payback_to_unix_ms"), "at most a day after payback_from_unix_ms");
+        return fail("payback_to_unix_ms", "at most a day after payback_from_unix_ms");
     }
     Ok(Some(crate::report::Payback { power_w, from_unix_ms, to_unix_ms }))
 }
@@ -344,17 +339,17 @@ mod tests {
 
     #[test]
     fn each_invalid_payback_field_is_named() {
-        assert_eq!(payback(0, 5, 1, "reports[0]"), Ok(None));
-        let ok = payback(7_400, 1_000, 61_000, "reports[0]").unwrap().unwrap();
+        assert_eq!(payback(0, 5, 1), Ok(None));
+        let ok = payback(7_400, 1_000, 61_000).unwrap().unwrap();
         assert!((ok.energy_wh() - 7_400.0 / 60.0).abs() < 1e-9);
         let cases = [
-            (20_001, 0, 1, "reports[2].payback_w"),
-            (100, 10, 10, "reports[2].payback_to_unix_ms"),
-            (100, i64::MIN, i64::MAX, "reports[2].payback_to_unix_ms"),
-            (100, 0, crate::report::Payback::SPAN_MS_MAX + 1, "reports[2].payback_to_unix_ms"),
+            (20_001, 0, 1, "payback_w"),
+            (100, 10, 10, "payback_to_unix_ms"),
+            (100, i64::MIN, i64::MAX, "payback_to_unix_ms"),
+            (100, 0, crate::report::Payback::SPAN_MS_MAX + 1, "payback_to_unix_ms"),
         ];
         for (w, from, to, field) in cases {
-            assert_eq!(payback(w, from, to, "reports[2]").unwrap_err().field, field);
+            assert_eq!(payback(w, from, to).unwrap_err().field, field);
         }
     }
 

@@ -300,9 +300,9 @@ pub fn report_from_pb(
 ) -> Result<(DeviceReport, Option<FieldError>), FieldError> {
     // The field's full name (`reports[i].status`) is built only for a report that fails: a gateway's batch holds
     // thousands, nearly all valid.
-    let named = |e: FieldError| FieldError { field: format!("{}.{}", prefix(), e.field.trim_start_matches('.')), ..e };
+    let named = |e: FieldError| FieldError { field: format!("{}.{}", prefix(), e.field), ..e };
     let (payback, payback_error) =
-        match halftime_core::validate::payback(r.payback_w, r.payback_from_unix_ms, r.payback_to_unix_ms, "") {
+        match halftime_core::validate::payback(r.payback_w, r.payback_from_unix_ms, r.payback_to_unix_ms) {
             Ok(p) => (p, None),
             Err(e) => (None, Some(named(e))),
         };
