@@ -110,7 +110,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     let req = PlanRequest {
         target_w: input.target_w.to_vec(),
         cohorts,
-        rebound_fraction_max: inner.config.rebound_fraction_max,
+        rebound_fraction_max: inner.config.rebound_fraction_held(),
         rebound_reference_w: input.rebound_reference_w,
         prior_rebound_w: input.prior_rebound_w.to_vec(),
         rebound_sigmas: inner.config.rebound_sigmas,

@@ -290,7 +290,8 @@ fn picking_rotates_through_every_household_across_fairness_windows() {
     let clock = Arc::new(TestClock(AtomicI64::new(T0)));
     let n_households = 40u64;
     runtime().block_on(async {
-        let config = EngineConfig { fairness_window_days: 1, ..test_config() };
+        // Without the rebound guard, whose share of the cap leaves 40 heaters' payback no room for this target.
+        let config = EngineConfig { fairness_window_days: 1, rebound_guard_share: 0.0, ..test_config() };
         let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
         let region = engine.regions().lookup("_C").unwrap();
         let appliances: Vec<Appliance> = (1..=n_households)
@@ -577,6 +578,29 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             }
         });
     }
+}
+
+/// A plan keeps its rebound under the guard's share of the cap, not the whole cap: a plan over the guard's line
+/// had the guard release deferrals the moment they started, costing the event's first minutes. With no
+/// allowance for scatter a plan goes up to whatever line it is given, so with the guard on its peak rebound is
+/// the guard's share of what it is with the guard off.
+#[test]
+fn a_plan_keeps_its_rebound_under_the_guards_line() {
+    let peak_rebound_w = |rebound_guard_share: f64| {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        runtime().block_on(async {
+            let config = EngineConfig { rebound_sigmas: 0.0, rebound_guard_share, ..test_config() };
+            let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
+            let (_, plan, _) = fridge_event(&engine, "line").await;
+            plan.rebound_w.iter().skip(FRIDGE_EVENT_SLOTS).copied().fold(0.0, f64::max)
+        })
+    };
+    let (whole_w, held_w) = (peak_rebound_w(0.0), peak_rebound_w(0.9));
+    // The cap binds (fridges cannot meet this target within it), so the plan fills it.
+    assert!(whole_w >= 0.1 * FRIDGE_EVENT_KW * 1e3, "{whole_w} W: the cap does not bind");
+    let ratio = held_w / whole_w;
+    assert!((0.87..=0.93).contains(&ratio), "guarded at 0.9, the plan's rebound is {ratio} of the whole cap's");
 }
 
 /// Devices say what they will pay back when they start. Once what they said fills the event's rebound cap in some
