@@ -62,10 +62,11 @@ pub struct EngineConfig {
     /// of the EV chargers it counted on were not charging): the shortfall they foretell is planned again, from
     /// the next minute, among appliances not yet deferred.
     pub top_up: bool,
-    /// Plan each event's rebound under this share of its cap, and hold it there by what its devices say they
-    /// will pay back: a device whose payback lands where the projection is over is released as soon as it says
-    /// so (see `rebound.rs`). 0 turns the guard off (plans then use the whole cap). Below 1 because the cap is a
-    /// share of the planned peak reduction, and what the devices really deliver at the peak scatters around it.
+    /// Hold each event's rebound under this share of its cap by what its devices say they will pay back: a
+    /// device whose payback lands where the projection is over is released as soon as it says so (see
+    /// `rebound.rs`). Plans expect no more than this share either. 0 turns the guard off. Below 1 because the
+    /// cap is a share of the planned peak reduction, and what the devices really deliver at the peak scatters
+    /// around it.
     pub rebound_guard_share: f64,
     /// Dispatches planned and signed at once, at most; more wait their turn. Each holds a scan of the whole
     /// eligible population, so this bounds memory as well as CPU under a burst of submissions.
@@ -88,16 +89,10 @@ pub enum ReboundReference {
 }
 
 impl EngineConfig {
-    /// The share of an event's peak reduction that its plans and its rebound guard hold the rebound under. The
-    /// plan and the guard must aim at the same line: at national scale the plan's scatter allowance is a
-    /// fraction of a percent, so a plan to the whole cap sat over a guard at 95 % of it, and the guard released
-    /// the first thousand deferrals with late payback the moment they started, in the ramp's first minutes.
-    pub fn rebound_fraction_held(&self) -> f64 {
-        if self.rebound_guard_share > 0.0 {
-            self.rebound_guard_share * self.rebound_fraction_max
-        } else {
-            self.rebound_fraction_max
-        }
+    /// How far under the cap, as a share of it, each plan keeps its expected rebound at least: down to the
+    /// rebound guard's line, so that the guard acts on what the devices do beyond the plan, not on the plan.
+    pub fn rebound_margin_share(&self) -> f64 {
+        if self.rebound_guard_share > 0.0 { 1.0 - self.rebound_guard_share } else { 0.0 }
     }
 }
 
@@ -692,7 +687,7 @@ impl Engine {
             if guard_share > 0.0 {
                 // The first dispatch's cap is on what its own plan delivers.
                 let reference_w = rebound_reference_w.or_else(|| self.rebound_reference_w(&st)).unwrap_or(0.0);
-                st.rebound.cap_w = Some(self.inner.config.rebound_fraction_held() * reference_w);
+                st.rebound.cap_w = Some(guard_share * self.inner.config.rebound_fraction_max * reference_w);
             }
             st.dirty = true;
         }

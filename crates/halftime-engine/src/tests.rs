@@ -290,8 +290,7 @@ fn picking_rotates_through_every_household_across_fairness_windows() {
     let clock = Arc::new(TestClock(AtomicI64::new(T0)));
     let n_households = 40u64;
     runtime().block_on(async {
-        // Without the rebound guard, whose share of the cap leaves 40 heaters' payback no room for this target.
-        let config = EngineConfig { fairness_window_days: 1, rebound_guard_share: 0.0, ..test_config() };
+        let config = EngineConfig { fairness_window_days: 1, ..test_config() };
         let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
         let region = engine.regions().lookup("_C").unwrap();
         let appliances: Vec<Appliance> = (1..=n_households)

@@ -67,6 +67,11 @@ pub struct PlanRequest {
     /// Plan the expected rebound low enough that this many standard deviations of the scatter among individual
     /// appliances still fit under the cap (0 plans to the cap itself). See [`solve_lp`].
     pub rebound_sigmas: f64,
+    /// Keep the expected rebound at least this share of the cap under it, however small the allowance for
+    /// scatter: the engine's rebound guard holds each event under its own line below the cap, and releases at
+    /// once a starting deferral whose payback lands over that line. A plan expected over the line (at national
+    /// scale the allowance is a fraction of a percent) lost its first deferrals as they started.
+    pub rebound_margin_share: f64,
     /// Plan the expected reduction high enough that this many standard deviations of the scatter among
     /// individual appliances still meet the target (0 plans to the target itself). See [`solve_lp`].
     pub delivery_sigmas: f64,
@@ -434,12 +439,15 @@ fn solve_lp<S: good_lp::Solver>(
                 // What the event's earlier dispatches left of the cap in this slot.
                 let prior_kw = req.prior_rebound_w.get(t).copied().unwrap_or(0.0) / 1e3;
                 let headroom_kw = (rebound_cap_kw - prior_kw).max(0.0);
+                // At most the headroom, so planning nothing stays feasible.
+                let margin_kw = (req.rebound_margin_share * rebound_cap_kw).min(headroom_kw);
                 let z = req.rebound_sigmas;
                 if z <= 0.0 || rebound_cap_kw <= 0.0 || p_mean_kw <= 0.0 {
-                    return (0.0, -headroom_kw);
+                    return (0.0, -headroom_kw + margin_kw);
                 }
                 let sqrt_v0 = (p_mean_kw * rebound_cap_kw).max((z * p_max_kw).powi(2)).sqrt();
-                (z / (2.0 * sqrt_v0), -headroom_kw + (z * sqrt_v0 / 2.0).min(headroom_kw / 2.0))
+                let allowance_kw = (z * sqrt_v0 / 2.0).min(headroom_kw / 2.0).max(margin_kw);
+                (z / (2.0 * sqrt_v0), -headroom_kw + allowance_kw)
             }
         })
         .unzip();
@@ -557,6 +565,9 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     }
     if req.cohorts.len() > N_COHORTS_MAX {
         return Err(PlanError::Invalid("too many cohorts"));
+    }
+    if !(0.0..=1.0).contains(&req.rebound_margin_share) {
+        return Err(PlanError::Invalid("rebound margin share must be in 0..=1"));
     }
     if !(0.0..=10.0).contains(&req.rebound_sigmas) {
         return Err(PlanError::Invalid("rebound sigmas must be in 0..=10"));

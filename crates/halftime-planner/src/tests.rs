@@ -22,6 +22,7 @@ fn request(target_kw: &[f64], cohorts: Vec<Cohort>) -> PlanRequest {
         rebound_reference_w: None,
         prior_rebound_w: Vec::new(),
         rebound_sigmas: 0.0,
+        rebound_margin_share: 0.0,
         delivery_sigmas: 0.0,
         deferral_min_max: 30,
         randomize_start_s: 0,
@@ -120,6 +121,32 @@ fn least_burdened_go_first_even_when_their_appliances_are_a_little_larger() {
     assert!(used(1) > 0, "{:?}", plan.allocations);
     assert!(used(1) == 6_000 || used(0) == 0, "band 1 used ({}) while band 0 had room ({} of 6000)", used(0), used(1));
     assert_eq!(used(2), 0);
+}
+
+/// The rebound margin is a floor on the allowance below the cap, not an addition to it: with no allowance for
+/// scatter the plan's rebound stops at the margin's line, and where the allowance is larger than the margin (a
+/// fleet of a few thousand, whose scatter is a good share of its cap) the plan is the same with or without it.
+#[test]
+fn the_rebound_margin_is_a_floor_under_the_allowance() {
+    let cohorts = vec![cohort(0, ApplianceClass::Fridge, 4, 0, 16_000)];
+    let target_kw = [80.0; 15];
+    let base = PlanRequest { rebound_reference_w: Some(80e3), ..request(&target_kw, cohorts) };
+    let peak_rebound_w = |req: &PlanRequest| {
+        let plan = plan(req).unwrap();
+        let peak_w = plan.evaluation.rebound_w.iter().skip(target_kw.len()).copied().fold(0.0, f64::max);
+        (plan, peak_w)
+    };
+    let cap_w = 0.1 * 80e3;
+    let (_, whole_w) = peak_rebound_w(&base);
+    assert!(whole_w >= 0.95 * cap_w, "{whole_w} W: the cap does not bind under {cap_w} W");
+    // Each plan's evaluation runs a few percent over the line its LP kept to, so the two are compared.
+    let (_, held_w) = peak_rebound_w(&PlanRequest { rebound_margin_share: 0.2, ..base.clone() });
+    let ratio = held_w / whole_w;
+    assert!((0.76..=0.84).contains(&ratio), "with a 20 % margin the rebound is {ratio} of the whole cap's");
+    let sigmas = PlanRequest { rebound_sigmas: 2.0, ..base };
+    let (without, _) = peak_rebound_w(&sigmas);
+    let (with, _) = peak_rebound_w(&PlanRequest { rebound_margin_share: 0.05, ..sigmas });
+    assert_eq!(with.allocations, without.allocations, "a margin inside the allowance changed the plan");
 }
 
 #[test]

@@ -502,6 +502,7 @@ mod plan_tests {
             rebound_reference_w: None,
             prior_rebound_w: Vec::new(),
             rebound_sigmas: 2.0,
+            rebound_margin_share: 0.0,
             delivery_sigmas: 1.5,
             deferral_min_max: 30,
             randomize_start_s: 30,
