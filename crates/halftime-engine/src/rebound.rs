@@ -1,10 +1,10 @@
 //! The rebound guard: an event's projected load above baseline after its window, from what its devices say they
 //! will pay back, held under the event's rebound cap by releasing a deferral whose payback would take it over.
 //!
-//! A plan keeps its expected rebound a couple of standard deviations under the guard's line (its share of the
-//! cap, `EngineConfig::rebound_fraction_held`), but a handful of EV chargers decide the late payback of an
-//! evening (each pays back 7 kW for as long as it was deferred, when its session would have ended), and over a
-//! season some evening's highest minute went a few percent over. Devices know
+//! A plan keeps its expected rebound a couple of standard deviations under the cap, and at least under the
+//! guard's line (`PlanRequest::rebound_margin_share`), but a handful of EV chargers decide the late payback of
+//! an evening (each pays back 7 kW for as long as it was deferred, when its session would have ended), and over
+//! a season some evening's highest minute went a few percent over. Devices know
 //! where they are in their cycle or session, so they say what they will pay back when they start; the engine
 //! sums that (with the class average for devices that have not said) and releases at once a device whose payback
 //! lands where the sum is over the cap. Released within a minute of starting, a paused charging session runs a
