@@ -349,7 +349,9 @@ impl Engine {
         }
         // Payback forecasts are not stored: after a restart the guard counts on class averages.
         for o in outcomes {
-            self.apply_outcome(&o, None, false);
+            // The first `Released` a deferral has is the engine's own (it is stored before it is sent): charged
+            // until the device says it resumed, as when it was sent. An override is the household's: ended then.
+            self.apply_outcome(&o, None, o.status == DeviceStatus::Released);
         }
         for e in inner.events.iter() {
             e.advance_and_publish(inner.clock.now_unix_ms());

@@ -665,6 +665,19 @@ fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
         let r = reports.iter().find(|r| status(r.device).unwrap().status == DeviceStatus::Released).unwrap();
         let planned = entries.iter().find(|e| e.reservation.appliance == r.device).unwrap().reservation;
         assert_eq!(status(r.device).unwrap().reservation, planned);
+        // So does an engine restarted before the device said: it replays the release as the engine's own.
+        engine.shutdown().await;
+        drop(engine);
+        let engine = open(dir.path(), Arc::clone(&clock)).await;
+        let status = |d: ApplianceId| {
+            engine
+                .ledger()
+                .all_entries()
+                .into_iter()
+                .find(|e| e.reservation.event == id && e.reservation.appliance == d)
+        };
+        assert_eq!(status(r.device).unwrap().status, DeviceStatus::Released);
+        assert_eq!(status(r.device).unwrap().reservation, planned, "refunded at the release on recovery");
         let resumed_unix_ms = first + 90_000;
         let said = DeviceReport { status: DeviceStatus::Released, at_unix_ms: resumed_unix_ms, payback: None, ..*r };
         engine.report(&[said]).await.unwrap();
