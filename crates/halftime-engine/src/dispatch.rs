@@ -45,6 +45,8 @@ pub struct DispatchInput<'a> {
     /// Rebound the event's earlier dispatches are expected to cause, W per slot from `start_unix_ms` on (at most
     /// `PRIOR_REBOUND_SLOTS_MAX` slots).
     pub prior_rebound_w: &'a [f64],
+    /// Its variance per slot, kW², where known (the rebound guard's projection); shorter or empty elsewhere.
+    pub prior_rebound_var_kw2: &'a [f64],
     /// Only appliances of these classes, if given (a top-up draws on the classes the event relies on).
     pub classes: Option<[bool; N_CLASSES]>,
 }
@@ -113,6 +115,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
         rebound_fraction_max: inner.config.rebound_fraction_max,
         rebound_reference_w: input.rebound_reference_w,
         prior_rebound_w: input.prior_rebound_w.to_vec(),
+        prior_rebound_var_kw2: input.prior_rebound_var_kw2.to_vec(),
         rebound_sigmas: inner.config.rebound_sigmas,
         rebound_margin_share: inner.config.rebound_margin_share(),
         delivery_sigmas: inner.config.delivery_sigmas,
@@ -310,6 +313,7 @@ mod tests {
             rebound_fraction_max: 0.1,
             rebound_reference_w: None,
             prior_rebound_w: vec![],
+            prior_rebound_var_kw2: vec![],
             rebound_sigmas: 2.0,
             rebound_margin_share: 0.0,
             delivery_sigmas: 1.5,

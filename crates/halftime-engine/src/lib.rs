@@ -583,7 +583,7 @@ impl Engine {
         prior_rebound_scale: f64,
         received: std::time::Instant,
     ) -> Result<PlanSummary, EngineError> {
-        let (event, event_start, already_deferred, rebound_reference_w, prior_rebound_w, regions, deferral_min_max) = {
+        let (event, event_start, already_deferred, rebound_reference_w, prior, regions, deferral_min_max) = {
             let st = rt.lock();
             let spec = &st.record.spec;
             let already_deferred: ahash::AHashSet<ApplianceId> = st.devices.keys().copied().collect();
@@ -594,16 +594,20 @@ impl Engine {
             // expectation where it has not (the guard off, a recovered event).
             let n_slots = spec.target_w.len();
             let planned = &st.record.plan.rebound_w;
-            let guard_tail: &[f64] = if st.rebound.cap_w.is_some() { &st.rebound.tail_w } else { &[] };
-            let prior_rebound_w: Vec<f64> = match rebound_reference_w {
+            // With the guard, also how far its projection may scatter; without, none is allowed for.
+            let (guard_tail, guard_var): (&[f64], &[f64]) = match st.rebound.cap_w {
+                Some(_) => (&st.rebound.tail_w, &st.rebound.tail_var_w2),
+                None => (&[], &[]),
+            };
+            let prior: (Vec<f64>, Vec<f64>) = match rebound_reference_w {
                 Some(_) => (first_slot..planned.len().max(n_slots + guard_tail.len()))
                     .take(halftime_planner::PRIOR_REBOUND_SLOTS_MAX)
-                    .map(|t| match t.checked_sub(n_slots).and_then(|i| guard_tail.get(i)) {
-                        Some(g) => g.max(0.0),
-                        None => planned.get(t).copied().unwrap_or(0.0) * prior_rebound_scale,
+                    .map(|t| match t.checked_sub(n_slots).and_then(|i| Some((guard_tail.get(i)?, guard_var.get(i)?))) {
+                        Some((g, v)) => (g.max(0.0), v.max(0.0) / 1e6),
+                        None => (planned.get(t).copied().unwrap_or(0.0) * prior_rebound_scale, 0.0),
                     })
-                    .collect(),
-                None => Vec::new(),
+                    .unzip(),
+                None => (Vec::new(), Vec::new()),
             };
             let regions = spec.regions.clone();
             (
@@ -611,7 +615,7 @@ impl Engine {
                 spec.start_unix_ms,
                 already_deferred,
                 rebound_reference_w,
-                prior_rebound_w,
+                prior,
                 regions,
                 spec.deferral_min_max,
             )
@@ -633,7 +637,8 @@ impl Engine {
                     now_unix_ms: now,
                     already_deferred: &already_deferred,
                     rebound_reference_w,
-                    prior_rebound_w: &prior_rebound_w,
+                    prior_rebound_w: &prior.0,
+                    prior_rebound_var_kw2: &prior.1,
                     classes,
                 },
             )

@@ -25,6 +25,11 @@ pub struct ReboundGuard {
     /// Projected net load above baseline from this event's devices, W, per minute from the end of its window:
     /// paybacks less any shed still under way.
     pub tail_w: Vec<f64>,
+    /// How far the projection may scatter, W² per minute: for a device not heard from, its rated power times its
+    /// expected gross shed and payback (the planner's bound); for one that has said, the same for the two ways
+    /// it may still go (overridden or not), weighted by the chance of each times the other. A residual plan keeps
+    /// its allowance for both (`PlanRequest::prior_rebound_var_kw2`).
+    pub tail_var_w2: Vec<f64>,
     /// The cap the projection is held under; `None` while not guarding (turned off, or nothing planned yet).
     pub cap_w: Option<f64>,
     /// Deferrals released because their payback would have gone over the cap.
@@ -73,6 +78,16 @@ fn unit_expected(
     (first, tail[first..last].to_vec())
 }
 
+/// The appliance's rated draw, W: what it reported, or what its expected reduction comes to at its class's
+/// duty cycle.
+fn rated_w(t: &DeviceTrack) -> f64 {
+    if t.power_w > 0 {
+        return f64::from(t.power_w);
+    }
+    let duty = f64::from(t.class.profile().duty_cycle_permille) / 1000.0;
+    t.planned_w / duty.max(1e-3)
+}
+
 impl ReboundGuard {
     /// Adds `sign` (1 or -1) times what `t` contributes to the projection after `window_end_unix_ms`: its reported
     /// payback less its reported shed once it has said, its class's average response until then (or if it cannot
@@ -94,7 +109,11 @@ impl ReboundGuard {
         if self.tail_w.is_empty() {
             self.tail_w = vec![0.0; TAIL_SLOTS];
         }
-        let tail = &mut self.tail_w;
+        if self.tail_var_w2.is_empty() {
+            self.tail_var_w2 = vec![0.0; TAIL_SLOTS];
+        }
+        let (tail, var) = (&mut self.tail_w, &mut self.tail_var_w2);
+        let rated_w = rated_w(t);
         match (t.started_unix_ms, t.payback) {
             (Some(started), Some(p)) => {
                 let (from, to) = t.deferred_interval().unwrap_or((started, started));
@@ -102,10 +121,16 @@ impl ReboundGuard {
                 // Until it has ended, the household may still override it halfway, on average: shedding less and
                 // paying back sooner.
                 let p_override = if t.status.is_final() { 0.0 } else { t.override_chance.clamp(0.0, 1.0) };
+                let var_weight = sign * rated_w * p_override * (1.0 - p_override);
                 let mut add = |p: Payback, until: i64, weight: f64| {
                     let w = sign * weight;
-                    add_interval(tail, window_end_unix_ms, p.from_unix_ms, p.to_unix_ms, w * f64::from(p.power_w));
-                    add_interval(tail, window_end_unix_ms, from, until.min(shed_to), -w * shed_w);
+                    let (payback_w, until) = (f64::from(p.power_w), until.min(shed_to));
+                    add_interval(tail, window_end_unix_ms, p.from_unix_ms, p.to_unix_ms, w * payback_w);
+                    add_interval(tail, window_end_unix_ms, from, until, -w * shed_w);
+                    if var_weight != 0.0 {
+                        add_interval(var, window_end_unix_ms, p.from_unix_ms, p.to_unix_ms, var_weight * payback_w);
+                        add_interval(var, window_end_unix_ms, from, until, var_weight * shed_w);
+                    }
                 };
                 add(p, to, 1.0 - p_override);
                 let half = from + (to - from) / 2;
@@ -129,21 +154,22 @@ impl ReboundGuard {
                 let minutes = (c.deferral_s / 60).max(1);
                 let p_override = t.override_chance.clamp(0.0, 1.0);
                 let key = (t.class, minutes, p_override.to_bits(), from - window_end_unix_ms);
-                let w = sign * t.planned_w;
-                let add = |tail: &mut [f64], (first, unit): &UnitContribution| {
-                    for (x, u) in tail[*first..].iter_mut().zip(unit) {
+                let (w, var_w) = (sign * t.planned_w, sign * t.planned_w * rated_w);
+                let add = |tail: &mut [f64], var: &mut [f64], (first, unit): &UnitContribution| {
+                    for ((x, v), u) in tail[*first..].iter_mut().zip(&mut var[*first..]).zip(unit) {
                         *x += w * u;
+                        *v += var_w * u.abs();
                     }
                 };
                 if let Some(unit) = self.expected.get(&key) {
-                    add(tail, unit);
+                    add(tail, var, unit);
                     return;
                 }
                 let r = self.responses.entry((t.class, minutes)).or_insert_with(|| {
                     (expected_response(t.class, minutes), expected_response_overridden(t.class, minutes))
                 });
                 let unit = unit_expected(r, p_override, from, minutes, window_end_unix_ms);
-                add(tail, &unit);
+                add(tail, var, &unit);
                 // Devices that have not said share a few starts; one that started and cannot say has its own.
                 if self.expected.len() < EXPECTED_CACHED_MAX {
                     self.expected.insert(key, unit);
@@ -217,10 +243,41 @@ mod tests {
                     (got - n as f64 * want).abs() < 1e-6 * want.max(1.0),
                     "{class:?}: {got} W·min, want {n} × {want}"
                 );
+                // Its scatter: its rated power times its gross flows, at least its rated power times the net.
+                let var: f64 = guard.tail_var_w2.iter().sum();
+                assert!(var >= n as f64 * rated_w(&t) * want * (1.0 - 1e-9), "{class:?}: variance {var} W²·min");
             }
             guard.add(window_end, &t, -1.0);
             guard.add(window_end, &t, -1.0);
             assert!(guard.tail_w.iter().all(|w| w.abs() < 1e-9), "{class:?}: left behind");
+            assert!(guard.tail_var_w2.iter().all(|v| v.abs() < 1e-6), "{class:?}: variance left behind");
         }
+    }
+
+    /// A device that has said what it will pay back scatters only by whether its household still overrides it:
+    /// not at all once it has ended, and by the chance of each way times the other while it may.
+    #[test]
+    fn a_device_that_has_said_scatters_only_by_its_override() {
+        let window_end = 100 * MS_PER_MIN;
+        let started = window_end - 20 * MS_PER_MIN;
+        let mut t = track(ApplianceClass::EvCharger, started, 20, 0.2);
+        t.started_unix_ms = Some(started);
+        t.reduction_w = 7_000;
+        t.power_w = 7_000;
+        t.payback =
+            Some(Payback { power_w: 7_000, from_unix_ms: window_end, to_unix_ms: window_end + 20 * MS_PER_MIN });
+        let var_sum = |t: &DeviceTrack| {
+            let mut guard = ReboundGuard::default();
+            guard.add(window_end, t, 1.0);
+            guard.tail_var_w2.iter().sum::<f64>()
+        };
+        // Under way: its 20 minutes of payback, 0.2 × 0.8 of the time, at 7 kW times 7 kW, and as much again
+        // for the half-way override's payback (from half-way, so 10 of its minutes after the window).
+        let under_way = var_sum(&t);
+        let full_w2_min = 0.2 * 0.8 * 7_000.0 * 7_000.0 * 20.0;
+        assert!(under_way > full_w2_min && under_way < 2.0 * full_w2_min, "{under_way} W²·min");
+        t.status = DeviceStatus::Completed;
+        t.ended_unix_ms = Some(window_end);
+        assert_eq!(var_sum(&t), 0.0, "an ended deferral that has said is known");
     }
 }

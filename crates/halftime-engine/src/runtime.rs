@@ -336,9 +336,11 @@ impl RuntimeState {
         let window_end = self.record.spec.end_unix_ms();
         // The release's effect alone: both contributions summed into an empty projection.
         let projection = std::mem::replace(&mut self.rebound.tail_w, vec![0.0; TAIL_SLOTS]);
+        let projection_var = std::mem::replace(&mut self.rebound.tail_var_w2, vec![0.0; TAIL_SLOTS]);
         self.rebound.add(window_end, &before, -1.0);
         self.rebound.add(window_end, &after, 1.0);
         let delta_w = std::mem::replace(&mut self.rebound.tail_w, projection);
+        let delta_var_w2 = std::mem::replace(&mut self.rebound.tail_var_w2, projection_var);
         let cap_w = self.rebound.cap_w.unwrap_or(f64::INFINITY);
         let now_slot = (at_unix_ms - window_end).div_euclid(MS_PER_MIN).max(0) as usize;
         let fits = delta_w
@@ -352,6 +354,9 @@ impl RuntimeState {
         }
         for (w, d) in self.rebound.tail_w.iter_mut().zip(&delta_w) {
             *w += d;
+        }
+        for (v, d) in self.rebound.tail_var_w2.iter_mut().zip(&delta_var_w2) {
+            *v += d;
         }
         if let Some((from, to, shed_w)) = before.shed() {
             let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());

@@ -64,6 +64,10 @@ pub struct PlanRequest {
     /// Rebound already expected from the event's earlier dispatches, W per slot from this request's slot 0:
     /// after the target slots, this plan's rebound shares the cap with it. Only with a `rebound_reference_w`.
     pub prior_rebound_w: Vec<f64>,
+    /// How far the earlier dispatches' rebound may scatter around `prior_rebound_w`: its variance per slot, kW²,
+    /// from the same slot 0 (empty: none). This plan's allowance for scatter covers the two together, so a
+    /// residual does not spend, as its own headroom, what the earlier plan kept back for its scatter.
+    pub prior_rebound_var_kw2: Vec<f64>,
     /// Plan the expected rebound low enough that this many standard deviations of the scatter among individual
     /// appliances still fit under the cap (0 plans to the cap itself). See [`solve_lp`].
     pub rebound_sigmas: f64,
@@ -436,8 +440,9 @@ fn solve_lp<S: good_lp::Solver>(
                 (z / (2.0 * sqrt_v0), target_kw + z * sqrt_v0 / 2.0)
             }
             None => {
-                // What the event's earlier dispatches left of the cap in this slot.
+                // What the event's earlier dispatches left of the cap in this slot, and how far theirs scatters.
                 let prior_kw = req.prior_rebound_w.get(t).copied().unwrap_or(0.0) / 1e3;
+                let prior_var_kw2 = req.prior_rebound_var_kw2.get(t).copied().unwrap_or(0.0);
                 let headroom_kw = (rebound_cap_kw - prior_kw).max(0.0);
                 // At most the headroom, so planning nothing stays feasible.
                 let margin_kw = (req.rebound_margin_share * rebound_cap_kw).min(headroom_kw);
@@ -445,8 +450,14 @@ fn solve_lp<S: good_lp::Solver>(
                 if z <= 0.0 || rebound_cap_kw <= 0.0 || p_mean_kw <= 0.0 {
                     return (0.0, -headroom_kw + margin_kw);
                 }
-                let sqrt_v0 = (p_mean_kw * rebound_cap_kw).max((z * p_max_kw).powi(2)).sqrt();
-                let allowance_kw = (z * sqrt_v0 / 2.0).min(headroom_kw / 2.0).max(margin_kw);
+                // With the earlier dispatches' variance Vp: z·√(Vp + V) ≤ z·√V₀/2 + z·(Vp + V)/(2√V₀), V₀ guessed as
+                // Vp plus this plan's own guess. The constant part is held to half the headroom, because a small
+                // fleet's z·σ can exceed the whole cap and it should still plan something; the earlier plans'
+                // variance counts like this plan's own, so a residual does not spend what they kept back.
+                let sqrt_v0 = (prior_var_kw2 + p_mean_kw * rebound_cap_kw).max((z * p_max_kw).powi(2)).sqrt();
+                let prior_scatter_kw = z * prior_var_kw2 / (2.0 * sqrt_v0);
+                let allowance_kw =
+                    ((z * sqrt_v0 / 2.0).min(headroom_kw / 2.0) + prior_scatter_kw).min(headroom_kw).max(margin_kw);
                 (z / (2.0 * sqrt_v0), -headroom_kw + allowance_kw)
             }
         })
@@ -588,6 +599,13 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
         || req.prior_rebound_w.iter().any(|w| !w.is_finite() || *w < 0.0)
     {
         return Err(PlanError::Invalid("prior rebound must be finite, >= 0 and at most a day of slots"));
+    }
+    if req.prior_rebound_var_kw2.len() > req.prior_rebound_w.len()
+        || req.prior_rebound_var_kw2.iter().any(|v| !v.is_finite() || *v < 0.0)
+    {
+        return Err(PlanError::Invalid(
+            "prior rebound variance must be finite, >= 0 and no longer than the prior rebound",
+        ));
     }
     if req.cohorts.iter().any(|c| !c.reduction_w_sum.is_finite() || !c.reduction_w_net_sum.is_finite()) {
         return Err(PlanError::Invalid("cohort reductions must be finite"));

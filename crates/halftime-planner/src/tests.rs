@@ -21,6 +21,7 @@ fn request(target_kw: &[f64], cohorts: Vec<Cohort>) -> PlanRequest {
         rebound_fraction_max: 0.1,
         rebound_reference_w: None,
         prior_rebound_w: Vec::new(),
+        prior_rebound_var_kw2: Vec::new(),
         rebound_sigmas: 0.0,
         rebound_margin_share: 0.0,
         delivery_sigmas: 0.0,
@@ -355,4 +356,46 @@ fn a_residual_plan_shares_the_events_rebound_cap_with_what_was_planned_before() 
     // Planned on its own, the residual takes a cap of its own peak on top of the earlier plan's rebound.
     let (alone_w, _) = together(&alone);
     assert!(alone_w > cap_w * 1.05 + 5e3, "alone {alone_w} W, shared {shared_w} W");
+}
+
+/// A residual's allowance for scatter covers the earlier dispatches' scatter as well as its own: where theirs
+/// already fills the cap, it adds no rebound (it may still absorb), instead of spending the room the earlier
+/// plan kept back for its scatter as headroom of its own.
+#[test]
+fn a_residual_keeps_the_earlier_plans_scatter_allowance() {
+    let mut cohorts = Vec::new();
+    for class in
+        [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater, ApplianceClass::EvCharger]
+    {
+        for burden_band in 0..3 {
+            cohorts.push(cohort(0, class, 6, burden_band, 2_000));
+        }
+    }
+    let target_kw = [200.0, 400.0, 600.0, 600.0, 600.0, 600.0, 600.0, 600.0, 400.0, 200.0];
+    let first_plan = plan(&request(&target_kw, cohorts.clone())).unwrap();
+    // Out past any payback of the residual's, so every slot it can touch has a prior.
+    let mut prior_w = first_plan.evaluation.rebound_w.clone();
+    prior_w.resize(PRIOR_REBOUND_SLOTS_MAX, 0.0);
+    let residual_kw = [400.0, 200.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let cap_kw = 0.1 * 600.0;
+    let residual_rebound_kw = |prior_var_kw2: Vec<f64>| {
+        let req = PlanRequest {
+            rebound_reference_w: Some(600e3),
+            prior_rebound_w: prior_w.clone(),
+            prior_rebound_var_kw2: prior_var_kw2,
+            rebound_sigmas: 2.0,
+            ..request(&residual_kw, cohorts.clone())
+        };
+        let p = plan(&req).unwrap();
+        p.evaluation.rebound_w.iter().skip(residual_kw.len()).fold(0.0, |a: f64, &w| a.max(w)) / 1e3
+    };
+    // Two sigma of the earlier plan's scatter is 200 kW, over the whole cap.
+    let filled = residual_rebound_kw(vec![100.0 * 100.0; prior_w.len()]);
+    assert!(filled <= 0.02 * cap_kw, "{filled} kW of rebound added where the earlier plan's scatter fills the cap");
+    let unknown = residual_rebound_kw(Vec::new());
+    assert!(unknown > 0.1 * cap_kw, "with no prior scatter given, the residual adds rebound ({unknown} kW)");
+    // A smaller scatter (σ 10 kW) counts under the same tangent as the residual's own: the residual adds less
+    // than with none given, and more than where it fills the cap (6.1 kW against 9.3 kW and 0 when written).
+    let some = residual_rebound_kw(vec![10.0 * 10.0; prior_w.len()]);
+    assert!(some > filled && some < unknown, "filled {filled} kW, some {some} kW, unknown {unknown} kW");
 }

@@ -501,6 +501,7 @@ mod plan_tests {
             rebound_fraction_max: 0.1,
             rebound_reference_w: None,
             prior_rebound_w: Vec::new(),
+            prior_rebound_var_kw2: Vec::new(),
             rebound_sigmas: 2.0,
             rebound_margin_share: 0.0,
             delivery_sigmas: 1.5,
