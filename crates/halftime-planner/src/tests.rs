@@ -399,3 +399,32 @@ fn a_residual_keeps_the_earlier_plans_scatter_allowance() {
     let some = residual_rebound_kw(vec![10.0 * 10.0; prior_w.len()]);
     assert!(some > filled && some < unknown, "filled {filled} kW, some {some} kW, unknown {unknown} kW");
 }
+
+/// A first plan does not use a class a few at a time where it has hundreds eligible: it is planned again without
+/// it, from the classes it uses at scale. A residual plan may (the engine's top-ups choose their classes).
+#[test]
+fn a_class_used_a_few_at_a_time_is_planned_without() {
+    let cohorts =
+        vec![cohort(0, ApplianceClass::Fridge, 6, 0, 400), cohort(0, ApplianceClass::Dishwasher, 6, 0, 1_000)];
+    let plans = |target_kw: f64| {
+        let first = PlanRequest { rebound_fraction_max: 1.0, ..request(&[target_kw; 5], cohorts.clone()) };
+        let residual = PlanRequest { rebound_reference_w: Some(target_kw * 1e3), ..first.clone() };
+        let used = |req: &PlanRequest| {
+            let p = plan(req).unwrap();
+            assert!(p.evaluation.shortfall_w.iter().all(|&s| s < 1.0), "{target_kw} kW: {:?}", p.evaluation);
+            let n_of = |class| -> u32 {
+                p.allocations.iter().filter(|a| req.cohorts[a.cohort].key.class == class).map(|a| a.n).sum()
+            };
+            (n_of(ApplianceClass::Fridge), n_of(ApplianceClass::Dishwasher))
+        };
+        (used(&first), used(&residual))
+    };
+    // The LP would take a few dishwashers beside most of the fridges; the first plan takes more fridges instead.
+    let (first, residual) = plans(10.0);
+    assert!(residual.1 > 0 && residual.1 < 10, "residual: {residual:?}");
+    assert_eq!(first.1, 0, "first: {first:?}");
+    assert!(first.0 > residual.0, "first {first:?}, residual {residual:?}");
+    // Where the fridges cannot cover it, dishwashers by the dozen are a class in use.
+    let (first, _) = plans(20.0);
+    assert!(first.1 >= 10, "first: {first:?}");
+}
