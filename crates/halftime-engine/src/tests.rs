@@ -71,6 +71,15 @@ fn test_config() -> EngineConfig {
     EngineConfig { tick_interval_ms: 10, rebound_reference: ReboundReference::PeakTarget, ..EngineConfig::default() }
 }
 
+/// The ledger's record of the appliance's deferral in the event, if any.
+fn entry_of(engine: &Engine, event: EventId, appliance: ApplianceId) -> Option<halftime_ledger::Entry> {
+    engine
+        .ledger()
+        .all_entries()
+        .into_iter()
+        .find(|e| e.reservation.event == event && e.reservation.appliance == appliance)
+}
+
 async fn open(dir: &Path, clock: Arc<TestClock>) -> Engine {
     Engine::open(test_config(), dir, clock).await.expect("engine opens")
 }
@@ -643,13 +652,7 @@ fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
         engine.report(&reports).await.unwrap();
         let config = test_config();
         let cap_w = config.rebound_guard_share * config.rebound_fraction_max * FRIDGE_EVENT_KW * 1e3;
-        let status = |d: ApplianceId| {
-            engine
-                .ledger()
-                .all_entries()
-                .into_iter()
-                .find(|e| e.reservation.event == id && e.reservation.appliance == d)
-        };
+        let status = |d: ApplianceId| entry_of(&engine, id, d);
         let (mut kept, mut released) = (0, 0);
         for r in &reports {
             match status(r.device).unwrap().status {
@@ -674,13 +677,7 @@ fn deferrals_whose_payback_would_break_the_rebound_cap_are_released() {
         engine.shutdown().await;
         drop(engine);
         let engine = open(dir.path(), Arc::clone(&clock)).await;
-        let status = |d: ApplianceId| {
-            engine
-                .ledger()
-                .all_entries()
-                .into_iter()
-                .find(|e| e.reservation.event == id && e.reservation.appliance == d)
-        };
+        let status = |d: ApplianceId| entry_of(&engine, id, d);
         assert_eq!(status(r.device).unwrap().status, DeviceStatus::Released);
         assert_eq!(status(r.device).unwrap().reservation, planned, "refunded at the release on recovery");
         let resumed_unix_ms = first + 90_000;

@@ -317,8 +317,8 @@ fn rounding_drops_slivers_and_rounds_the_rest_up() {
     assert_eq!(n_of(5_000, &one_each, &[0.49, 1.04, 1.6]), vec![0, 0, 2]);
 }
 
-#[test]
-fn a_residual_plan_shares_the_events_rebound_cap_with_what_was_planned_before() {
+/// Four classes, 2,000 of each in each burden band, and their plan for a ramp to a 600 kW plateau.
+fn a_first_plan_at_600_kw() -> (Vec<Cohort>, Plan) {
     let mut cohorts = Vec::new();
     for class in
         [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater, ApplianceClass::EvCharger]
@@ -329,6 +329,12 @@ fn a_residual_plan_shares_the_events_rebound_cap_with_what_was_planned_before() 
     }
     let target_kw = [200.0, 400.0, 600.0, 600.0, 600.0, 600.0, 600.0, 600.0, 400.0, 200.0];
     let first_plan = plan(&request(&target_kw, cohorts.clone())).unwrap();
+    (cohorts, first_plan)
+}
+
+#[test]
+fn a_residual_plan_shares_the_events_rebound_cap_with_what_was_planned_before() {
+    let (cohorts, first_plan) = a_first_plan_at_600_kw();
     let prior_w = first_plan.evaluation.rebound_w.clone();
     // The operator raises the first minutes to the plateau: the peak, and so the cap, stay where they were.
     // (The counts of the second plan's cohorts hardly matter here: 2,000 each is plenty.)
@@ -363,16 +369,7 @@ fn a_residual_plan_shares_the_events_rebound_cap_with_what_was_planned_before() 
 /// plan kept back for its scatter as headroom of its own.
 #[test]
 fn a_residual_keeps_the_earlier_plans_scatter_allowance() {
-    let mut cohorts = Vec::new();
-    for class in
-        [ApplianceClass::Fridge, ApplianceClass::Freezer, ApplianceClass::WaterHeater, ApplianceClass::EvCharger]
-    {
-        for burden_band in 0..3 {
-            cohorts.push(cohort(0, class, 6, burden_band, 2_000));
-        }
-    }
-    let target_kw = [200.0, 400.0, 600.0, 600.0, 600.0, 600.0, 600.0, 600.0, 400.0, 200.0];
-    let first_plan = plan(&request(&target_kw, cohorts.clone())).unwrap();
+    let (cohorts, first_plan) = a_first_plan_at_600_kw();
     // Out past any payback of the residual's, so every slot it can touch has a prior.
     let mut prior_w = first_plan.evaluation.rebound_w.clone();
     prior_w.resize(PRIOR_REBOUND_SLOTS_MAX, 0.0);
