@@ -178,9 +178,6 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
     })
 }
 
-/// A class with more eligible appliances than this gets at least two in a dispatch or none.
-const LONE_CLASS_ELIGIBLE_MIN: u32 = 150;
-
 /// Gives back the reservation of a class that ended up with a single appliance where it has hundreds eligible:
 /// the planner drops classes it gives less than one and a half, but picking can still leave one when the
 /// households of the others refuse (their limits). Over a season that was one tumble dryer deferred once among
@@ -192,16 +189,14 @@ fn drop_lone_appliances(
     reservations: &mut Vec<Reservation>,
     mut unreserve: impl FnMut(&Reservation),
 ) {
-    let (mut eligible, mut picked) = ([0u32; N_CLASSES], [0u32; N_CLASSES]);
-    for c in &req.cohorts {
-        eligible[c.key.class.index()] += c.n_appliances;
-    }
+    let eligible = halftime_planner::eligible_by_class(&req.cohorts);
+    let mut picked = [0u32; N_CLASSES];
     for r in reservations.iter() {
         picked[r.class.index()] += 1;
     }
     let lone = |class: halftime_core::ApplianceClass| {
         let i = class.index();
-        picked[i] == 1 && eligible[i] > LONE_CLASS_ELIGIBLE_MIN
+        picked[i] == 1 && eligible[i] > halftime_planner::CLASS_ELIGIBLE_MANY
     };
     reservations.retain(|r| {
         if lone(r.class) {

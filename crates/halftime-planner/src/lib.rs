@@ -325,11 +325,22 @@ pub fn plan_with(req: &PlanRequest, solver: LpSolver) -> Result<Plan, PlanError>
     plan_columns(req, &columns, solver, t0)
 }
 
-/// A first plan that gives a class fewer appliances than this, and under [`SPARSE_CLASS_SHARE_MAX`] of its
-/// eligible ones where it has more than [`SPARSE_CLASS_ELIGIBLE_MIN`], is planned again without that class.
+/// A class with more eligible appliances than this cannot share a few deferrals out fairly over a season: a first
+/// plan does not use it a few at a time, and a dispatch does not defer a single one of it.
+pub const CLASS_ELIGIBLE_MANY: u32 = 150;
+/// A first plan that gives such a class fewer appliances than this, and under [`SPARSE_CLASS_SHARE_MAX`] of its
+/// eligible ones, is planned again without that class.
 const SPARSE_CLASS_GIVEN_MAX: f64 = 20.0;
 const SPARSE_CLASS_SHARE_MAX: f64 = 0.01;
-const SPARSE_CLASS_ELIGIBLE_MIN: u32 = 150;
+
+/// Eligible appliances per class.
+pub fn eligible_by_class(cohorts: &[Cohort]) -> [u32; N_CLASSES] {
+    let mut eligible = [0u32; N_CLASSES];
+    for c in cohorts {
+        eligible[c.key.class.index()] += c.n_appliances;
+    }
+    eligible
+}
 
 /// Classes a first plan uses so thinly that their households cannot take turns: plans leave such a class alone
 /// most evenings, so the few deferred once carry all of their group's burden over a season. The LP reached for a
@@ -344,16 +355,14 @@ fn sparse_classes(req: &PlanRequest, allocations: &[Allocation]) -> [bool; N_CLA
     if req.rebound_reference_w.is_some() {
         return sparse;
     }
-    let (mut eligible, mut given) = ([0u32; N_CLASSES], [0u32; N_CLASSES]);
-    for c in &req.cohorts {
-        eligible[c.key.class.index()] += c.n_appliances;
-    }
+    let eligible = eligible_by_class(&req.cohorts);
+    let mut given = [0u32; N_CLASSES];
     for a in allocations {
         given[req.cohorts[a.cohort].key.class.index()] += a.n;
     }
     for (i, s) in sparse.iter_mut().enumerate() {
         let given_max = SPARSE_CLASS_GIVEN_MAX.min(SPARSE_CLASS_SHARE_MAX * f64::from(eligible[i]));
-        *s = given[i] > 0 && eligible[i] > SPARSE_CLASS_ELIGIBLE_MIN && f64::from(given[i]) < given_max;
+        *s = given[i] > 0 && eligible[i] > CLASS_ELIGIBLE_MANY && f64::from(given[i]) < given_max;
     }
     sparse
 }
