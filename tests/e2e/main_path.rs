@@ -140,7 +140,8 @@ async fn devices_reject_wrong_key_and_over_cap_commands_and_the_engine_sees_it()
         p.rejected + p.started == p.dispatched && p.dispatched > 0
     })
     .await;
-    assert_eq!(p.dispatched, plan.n_appliances);
+    // The engine may top the event up in place of what was refused, and those commands are answered the same way.
+    assert!(p.dispatched >= plan.n_appliances, "{} dispatched of a plan of {}", p.dispatched, plan.n_appliances);
     // Deferrals of more than 5 minutes are refused by the tight gateway, and everything the stranger-trusting
     // one got was refused: nothing longer than 5 minutes, and nothing at all on the first gateway, was applied.
     let applied = world.done();

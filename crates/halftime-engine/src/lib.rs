@@ -1356,6 +1356,7 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
                 event = st.record.id.0,
                 reported = realised.n_known,
                 rejected = realised.n_rejected,
+                overridden = realised.n_overridden,
                 expected_kw = realised.expected_w / 1e3,
                 reported_kw = realised.reported_w / 1e3,
                 shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,

@@ -143,7 +143,10 @@ impl ExpectedReport {
 
 /// What the devices of an event that have started reported they shed, against what the plan expected of them,
 /// kept up to date as their reports arrive. A rejection counts as nothing shed over the window it was given;
-/// devices that have not said yet count as planned.
+/// devices that have not said yet count as planned. The plan counted on each device's household overriding
+/// with its chance, at a uniformly random moment of the deferral; a device that starts has that expected loss
+/// given back, and one that is overridden loses what it reported from then on, so overrides weigh against
+/// their expectation as they happen.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Realised {
     /// Devices that have said whether they started, and how many of them refused.
@@ -154,11 +157,14 @@ pub struct Realised {
     pub reported_w: f64,
     /// Per slot of the event, what they reported less what was expected of them over their windows, W.
     pub deviation_w: Vec<f64>,
+    /// Devices overridden after they started.
+    pub n_overridden: u64,
 }
 
 impl Realised {
     /// Adds a device's start (or refusal) over its window from `from_unix_ms`, in the slots of an event that
     /// starts at `slot0_unix_ms` and has `n_slots`.
+    #[allow(clippy::too_many_arguments)]
     fn note(
         &mut self,
         slot0_unix_ms: i64,
@@ -167,6 +173,7 @@ impl Realised {
         deferral_s: u32,
         reported_w: f64,
         expected_w: f64,
+        override_chance: f64,
     ) {
         self.deviation_w.resize(n_slots, 0.0);
         self.n_known += 1;
@@ -174,6 +181,28 @@ impl Realised {
         self.reported_w += reported_w;
         let to_unix_ms = from_unix_ms + i64::from(deferral_s) * 1000;
         add_interval(&mut self.deviation_w, slot0_unix_ms, from_unix_ms, to_unix_ms, reported_w - expected_w);
+        // The expected loss to an override by minute k of the deferral: its chance of having come by then.
+        let p = override_chance.clamp(0.0, 1.0);
+        let n_min = i64::from(deferral_s.div_ceil(60));
+        if p <= 0.0 || n_min == 0 {
+            return;
+        }
+        // Only the minutes inside the event's slots: a long deferral's tail is no one's concern here.
+        let window_end = slot0_unix_ms + n_slots as i64 * MS_PER_MIN;
+        let k_max = (window_end - from_unix_ms).div_euclid(MS_PER_MIN).clamp(-1, n_min - 1);
+        for k in 0..=k_max {
+            let (a, b) = (from_unix_ms + k * MS_PER_MIN, (from_unix_ms + (k + 1) * MS_PER_MIN).min(to_unix_ms));
+            let lost_w = expected_w * p * (k as f64 + 0.5) / n_min as f64;
+            add_interval(&mut self.deviation_w, slot0_unix_ms, a, b, lost_w);
+        }
+    }
+
+    /// A started device reported shedding `reported_w` from `from_unix_ms` for `deferral_s`, and its household
+    /// overrode it at `at_unix_ms`: nothing from then on.
+    fn overridden(&mut self, slot0_unix_ms: i64, from_unix_ms: i64, deferral_s: u32, reported_w: f64, at_unix_ms: i64) {
+        self.n_overridden += 1;
+        let to_unix_ms = from_unix_ms + i64::from(deferral_s) * 1000;
+        add_interval(&mut self.deviation_w, slot0_unix_ms, at_unix_ms.max(from_unix_ms), to_unix_ms, -reported_w);
     }
 }
 
@@ -453,7 +482,8 @@ impl RuntimeState {
                     c.started += 1;
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
                     let (deferral_s, expected_w) = (track.command.deferral_s, track.expected_w);
-                    self.realised.note(slot0, n, at, deferral_s, f64::from(reduction_w), expected_w);
+                    let p = track.override_chance;
+                    self.realised.note(slot0, n, at, deferral_s, f64::from(reduction_w), expected_w, p);
                 }
             }
             DeviceStatus::Completed => {
@@ -462,6 +492,11 @@ impl RuntimeState {
             }
             DeviceStatus::Overridden => {
                 c.overridden += 1;
+                if let Some(started) = track.started_unix_ms {
+                    let (deferral_s, reported_w) = (track.command.deferral_s, f64::from(track.reduction_w));
+                    let slot0 = self.record.spec.start_unix_ms;
+                    self.realised.overridden(slot0, started, deferral_s, reported_w, at);
+                }
                 track.ended_unix_ms = Some(at);
                 end_early = Some(at);
                 track.payback = payback.or_else(|| track.payback_if_ended_at(at));
@@ -478,7 +513,7 @@ impl RuntimeState {
                 if track.started_unix_ms.is_none() {
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
                     let (from, deferral_s) = (track.command.not_before_unix_ms, track.command.deferral_s);
-                    self.realised.note(slot0, n, from, deferral_s, 0.0, track.expected_w);
+                    self.realised.note(slot0, n, from, deferral_s, 0.0, track.expected_w, track.override_chance);
                     self.realised.n_rejected += 1;
                 }
             }
@@ -587,6 +622,28 @@ mod tests {
         assert!((r.expected_w - 1_000.0).abs() < 1e-6 && r.reported_w == 200.0, "{r:?}");
         let want = [vec![-800.0; 5], vec![0.0; 5]].concat();
         assert!(r.deviation_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", r.deviation_w);
+    }
+
+    /// A device that starts has what the plan expected it to lose to an override given back, growing through its
+    /// deferral as the override's chance of having come does; overridden, it loses what it reported from then on.
+    #[test]
+    fn realised_weighs_an_override_against_its_expectation() {
+        let (mut st, _, command) = event(1_000.0, 10);
+        let start = st.record.spec.start_unix_ms;
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::Fridge, 400.0, 0.5, 135);
+        let expected_w = st.devices[&ApplianceId(1)].expected_w;
+        let reported = expected_w.round() as u32;
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, reported, None);
+        let given_back = |k: usize| expected_w * 0.5 * (k as f64 + 0.5) / 10.0;
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 0.5);
+        let rounding = f64::from(reported) - expected_w;
+        let want: Vec<f64> = (0..10).map(|k| given_back(k) + rounding).collect();
+        assert!(close(&st.realised.deviation_w, &want), "{:?} != {want:?}", st.realised.deviation_w);
+        st.apply(ApplianceId(1), DeviceStatus::Overridden, start + 4 * MS_PER_MIN, 0, None);
+        let want: Vec<f64> =
+            want.iter().enumerate().map(|(k, w)| if k >= 4 { w - f64::from(reported) } else { *w }).collect();
+        assert!(close(&st.realised.deviation_w, &want), "{:?} != {want:?}", st.realised.deviation_w);
+        assert_eq!(st.realised.n_overridden, 1);
     }
 
     /// An active event of ten one-minute slots from minute 60 asking `target_w`, its window's end, and its

@@ -2,7 +2,7 @@ use super::*;
 use halftime_core::limits::audit;
 use halftime_core::time::MS_PER_DAY;
 use proptest::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicI64;
 
 /// A clock tests move by hand.
@@ -524,31 +524,13 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             // The first devices to start report `realised` of what the plan expected of them (a fridge sheds
             // its expected reduction on average over any window); what they lose, per slot.
             let mut lost_w = vec![0.0; target_kw.len()];
-            let reports: Vec<DeviceReport> = entries
-                .iter()
-                .filter(|e| e.reservation.not_before_unix_ms == first)
-                .map(|e| {
-                    let a = engine.appliance(e.reservation.appliance).unwrap();
-                    let minutes = e.reservation.deferral_s / 60;
-                    let shed = halftime_core::physics::expected_response(a.class, minutes).shed;
-                    let expected_w = a.expected_reduction_w() * shed.iter().sum::<f64>() / shed.len() as f64;
-                    let reduction_w = (realised * expected_w).round() as u32;
-                    let at = start + 1_000;
-                    let to = at + i64::from(e.reservation.deferral_s) * 1000;
-                    add_interval(&mut lost_w, start, at, to, expected_w - f64::from(reduction_w));
-                    DeviceReport {
-                        device: a.id,
-                        event: id,
-                        counter: 0,
-                        status: DeviceStatus::Started,
-                        reject_reason: None,
-                        at_unix_ms: at,
-                        reduction_w,
-                        payback: None,
-                    }
-                })
-                .collect();
-            assert!(reports.len() >= 50, "{} devices start first", reports.len());
+            let reports = first_starts(&engine, id, &entries, realised, start + 1_000);
+            for r in &reports {
+                let e = entries.iter().find(|e| e.reservation.appliance == r.device).unwrap();
+                let to = r.at_unix_ms + i64::from(e.reservation.deferral_s) * 1000;
+                let expected_w = f64::from(r.reduction_w) / realised;
+                add_interval(&mut lost_w, start, r.at_unix_ms, to, expected_w - f64::from(r.reduction_w));
+            }
             engine.report(&reports).await.unwrap();
             // The event starts; its reports are weighed at once.
             clock.0.store(start + 40_000, Ordering::SeqCst);
@@ -591,6 +573,92 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             }
         });
     }
+}
+
+/// The devices of the event's first start, each reporting at `at` that it started and sheds `realised` of what
+/// the plan expected of it (a fridge sheds its expected reduction on average over any window).
+fn first_starts(
+    engine: &Engine,
+    id: EventId,
+    entries: &[halftime_ledger::Entry],
+    realised: f64,
+    at: i64,
+) -> Vec<DeviceReport> {
+    let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
+    let reports: Vec<DeviceReport> = entries
+        .iter()
+        .filter(|e| e.reservation.not_before_unix_ms == first)
+        .map(|e| {
+            let a = engine.appliance(e.reservation.appliance).unwrap();
+            let minutes = e.reservation.deferral_s / 60;
+            let shed = halftime_core::physics::expected_response(a.class, minutes).shed;
+            let expected_w = a.expected_reduction_w() * shed.iter().sum::<f64>() / shed.len() as f64;
+            DeviceReport {
+                device: a.id,
+                event: id,
+                counter: 0,
+                status: DeviceStatus::Started,
+                reject_reason: None,
+                at_unix_ms: at,
+                reduction_w: (realised * expected_w).round() as u32,
+                payback: None,
+            }
+        })
+        .collect();
+    assert!(reports.len() >= 50, "{} devices start first", reports.len());
+    reports
+}
+
+/// Households that override more than the plan counted on, mid-window, have the event topped up from the next
+/// minute: an override weighs against its expectation as it happens, not only a device's first report. Devices
+/// that start as expected, overridden at the rate the plan expected, are not.
+#[test]
+fn overrides_beyond_what_the_plan_expected_are_topped_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    runtime().block_on(async {
+        let config = EngineConfig { rebound_fraction_max: 1.0, ..test_config() };
+        let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
+        let start = FRIDGE_EVENT_START;
+        let (id, before, entries) = fridge_event(&engine, "overrides").await;
+        let reports = first_starts(&engine, id, &entries, 1.0, start + 1_000);
+        engine.report(&reports).await.unwrap();
+        let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
+        // The event starts; its reports are weighed within a tick or two.
+        clock.0.store(start + 40_000, Ordering::SeqCst);
+        for _ in 0..500 {
+            if plan_now().realised_ratio > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(plan_now().n_appliances, before.n_appliances, "topped up with every device as expected");
+        // Half of them overridden in the third minute: over three times what a 10 % override rate expects of
+        // a 30-minute deferral by then.
+        let overridden: Vec<DeviceReport> = reports
+            .iter()
+            .step_by(2)
+            .map(|r| DeviceReport { status: DeviceStatus::Overridden, at_unix_ms: start + 150_000, ..*r })
+            .collect();
+        engine.report(&overridden).await.unwrap();
+        clock.0.store(start + 160_000, Ordering::SeqCst);
+        let mut after = plan_now();
+        for _ in 0..500 {
+            if after.n_appliances > before.n_appliances {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            after = plan_now();
+        }
+        assert!(after.n_appliances > before.n_appliances, "not topped up after {} overrides", overridden.len());
+        // The top-up starts from the minute after it was weighed.
+        let first_plan: HashSet<ApplianceId> = entries.iter().map(|e| e.reservation.appliance).collect();
+        for e in engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id) {
+            let r = &e.reservation;
+            assert!(first_plan.contains(&r.appliance) || r.not_before_unix_ms >= start + 180_000, "{r:?}");
+        }
+    });
 }
 
 /// A plan keeps its rebound under the guard's share of the cap, not the whole cap: a plan over the guard's line
