@@ -409,12 +409,12 @@ fn plan_columns(req: &PlanRequest, columns: &[Column], solver: LpSolver, t0: Ins
     // taken if that meets the target in every slot. Only then: with the target out of reach, an LP that counts
     // no scatter against the target lifts its expectation with fewer, larger appliances (a fleet of fridges,
     // freezers and a few chargers was given 15 chargers and no fridge, evening after evening).
-    let short_w =
+    let short_share =
         |p: &Plan| p.evaluation.shortfall_w.iter().zip(&req.target_w).map(|(s, t)| s / t.max(1.0)).fold(0.0, f64::max);
-    let short = short_w(&on_target);
+    let short = short_share(&on_target);
     if short > 0.0 && short <= TARGET_FIRST_SHORT_MAX {
         let target_first = finish(solve_either(false, true)?);
-        if short_w(&target_first) <= 0.0 {
+        if short_share(&target_first) <= 0.0 {
             on_target = target_first;
         }
     }
