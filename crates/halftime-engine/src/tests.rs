@@ -524,11 +524,10 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             // The first devices to start report `realised` of what the plan expected of them (a fridge sheds
             // its expected reduction on average over any window); what they lose, per slot.
             let mut lost_w = vec![0.0; target_kw.len()];
-            let reports = first_starts(&engine, id, &entries, realised, start + 1_000);
-            for r in &reports {
+            let (reports, expected_w) = first_starts(&engine, id, &entries, realised, start + 1_000);
+            for (r, expected_w) in reports.iter().zip(expected_w) {
                 let e = entries.iter().find(|e| e.reservation.appliance == r.device).unwrap();
                 let to = r.at_unix_ms + i64::from(e.reservation.deferral_s) * 1000;
-                let expected_w = f64::from(r.reduction_w) / realised;
                 add_interval(&mut lost_w, start, r.at_unix_ms, to, expected_w - f64::from(r.reduction_w));
             }
             engine.report(&reports).await.unwrap();
@@ -575,17 +574,18 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
     }
 }
 
-/// The devices of the event's first start, each reporting at `at` that it started and sheds `realised` of what
-/// the plan expected of it (a fridge sheds its expected reduction on average over any window).
+/// The devices of the event's first start, each reporting at `at` that it
+/// started and sheds `realised` of what the plan expected of it (a fridge sheds its expected reduction on average
+/// over any window), and what the plan expected of each, W.
 fn first_starts(
     engine: &Engine,
     id: EventId,
     entries: &[halftime_ledger::Entry],
     realised: f64,
     at: i64,
-) -> Vec<DeviceReport> {
+) -> (Vec<DeviceReport>, Vec<f64>) {
     let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
-    let reports: Vec<DeviceReport> = entries
+    let (reports, expected_w): (Vec<DeviceReport>, Vec<f64>) = entries
         .iter()
         .filter(|e| e.reservation.not_before_unix_ms == first)
         .map(|e| {
@@ -593,7 +593,7 @@ fn first_starts(
             let minutes = e.reservation.deferral_s / 60;
             let shed = halftime_core::physics::expected_response(a.class, minutes).shed;
             let expected_w = a.expected_reduction_w() * shed.iter().sum::<f64>() / shed.len() as f64;
-            DeviceReport {
+            let report = DeviceReport {
                 device: a.id,
                 event: id,
                 counter: 0,
@@ -602,16 +602,17 @@ fn first_starts(
                 at_unix_ms: at,
                 reduction_w: (realised * expected_w).round() as u32,
                 payback: None,
-            }
+            };
+            (report, expected_w)
         })
-        .collect();
+        .unzip();
     assert!(reports.len() >= 50, "{} devices start first", reports.len());
-    reports
+    (reports, expected_w)
 }
 
 /// Households that override more than the plan counted on, mid-window, have the event topped up from the next
-/// minute: an override weighs against its expectation as it happens, not only a device's first report. Devices
-/// that start as expected, overridden at the rate the plan expected, are not.
+/// minute: an override weighs against its expectation as it happens, not only a device's first report. While
+/// every device sheds what was expected of it, the event is not topped up.
 #[test]
 fn overrides_beyond_what_the_plan_expected_are_topped_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -621,7 +622,7 @@ fn overrides_beyond_what_the_plan_expected_are_topped_up() {
         let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
         let start = FRIDGE_EVENT_START;
         let (id, before, entries) = fridge_event(&engine, "overrides").await;
-        let reports = first_starts(&engine, id, &entries, 1.0, start + 1_000);
+        let (reports, _) = first_starts(&engine, id, &entries, 1.0, start + 1_000);
         engine.report(&reports).await.unwrap();
         let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
         // The event starts; its reports are weighed within a tick or two.
