@@ -610,6 +610,57 @@ fn first_starts(
     (reports, expected_w)
 }
 
+#[test]
+fn an_event_is_weighed_a_minute_apart_a_settling_time_into_each_slot() {
+    let start = FRIDGE_EVENT_START;
+    assert_eq!(weigh_due_unix_ms(i64::MIN, start, 35_000), i64::MIN, "never weighed: at once");
+    assert_eq!(weigh_due_unix_ms(start, start, 35_000), start + 35_000);
+    assert_eq!(weigh_due_unix_ms(start + 35_000, start, 35_000), start + 95_000);
+    assert_eq!(weigh_due_unix_ms(start + 94_999, start, 35_000), start + 95_000);
+    assert_eq!(weigh_due_unix_ms(start - 600_000, start, 35_000), start - 565_000);
+    // A random offset longer than a minute keeps the weighing a minute apart.
+    assert_eq!(weigh_due_unix_ms(start, start, 605_000), start + 5_000);
+}
+
+/// An event is weighed once its slot's devices have all started (their random offset, and a few seconds), so a
+/// shortfall its first devices report is topped up from the second slot. Weighed on the minute, the event saw
+/// them only a minute in, and its first top-up reached the third slot.
+#[test]
+fn a_shortfall_in_the_first_slot_is_topped_up_from_the_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    runtime().block_on(async {
+        let config = EngineConfig { rebound_fraction_max: 1.0, ..test_config() };
+        let settle_ms = i64::from(config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS;
+        let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
+        let start = FRIDGE_EVENT_START;
+        let (id, before, entries) = fridge_event(&engine, "first-slot").await;
+        // The event starts and is weighed before any device has reported.
+        clock.0.store(start + 1_000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (reports, _) = first_starts(&engine, id, &entries, 0.6, start + 20_000);
+        engine.report(&reports).await.unwrap();
+        clock.0.store(start + settle_ms + 1_000, Ordering::SeqCst);
+        let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
+        for _ in 0..500 {
+            if plan_now().n_appliances > before.n_appliances {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(plan_now().n_appliances > before.n_appliances, "not topped up within the first minute");
+        let first_plan: HashSet<ApplianceId> = entries.iter().map(|e| e.reservation.appliance).collect();
+        let top_up_starts: Vec<i64> = engine
+            .ledger()
+            .all_entries()
+            .into_iter()
+            .filter(|e| e.reservation.event == id && !first_plan.contains(&e.reservation.appliance))
+            .map(|e| e.reservation.not_before_unix_ms)
+            .collect();
+        assert_eq!(top_up_starts.iter().min(), Some(&(start + MS_PER_MIN)), "the top-up starts in the second slot");
+    });
+}
+
 /// Households that override more than the plan counted on, mid-window, have the event topped up from the next
 /// minute: an override weighs against its expectation as it happens, not only a device's first report. While
 /// every device sheds what was expected of it, the event is not topped up.
