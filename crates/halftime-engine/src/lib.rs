@@ -1290,8 +1290,9 @@ fn tick(inner: &Arc<Inner>) {
 const WEIGH_SETTLE_MS: i64 = 5_000;
 /// Deferrals the rebound guard releases per event and minute to bring a minute to come back under the cap.
 const GUARD_RELEASES_PER_TICK_MAX: usize = 2_000;
-/// Top-ups per event, at most.
-const TOP_UPS_MAX: u32 = 3;
+/// Top-ups per event, at most: weighed once a minute, an event's ramp can take one a minute, and its plateau
+/// still needs some for overrides.
+const TOP_UPS_MAX: u32 = 6;
 /// A top-up is planned only where the foretold shortfall in some minute is at least this share of the peak
 /// target: a few percent is within the plan's own allowance for scatter.
 const TOP_UP_SHORTFALL_SHARE_MIN: f64 = 0.02;
@@ -1383,14 +1384,15 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
     }
 }
 
-/// When an event weighed at `weighed_unix_ms` is weighed next: once a minute, `settle_ms` into each slot (modulo
-/// the minute). Weighed on the minute, an event first saw its first slot's reports a minute in, and its first
-/// top-up reached only the third slot; in the season, most minutes delivered under 95 % were the second to fifth.
+/// When an event weighed at `weighed_unix_ms` (`i64::MIN`: never) is weighed next: once a minute, `settle_ms`
+/// into each slot (modulo the minute). Weighed on the minute, an event first saw its first slot's reports a
+/// minute in, and its first top-up reached only the third slot; in the season, most minutes delivered under
+/// 95 % were the second to fifth. Weighed at its start, it topped up on its first few dozen reports.
 fn weigh_due_unix_ms(weighed_unix_ms: i64, start_unix_ms: i64, settle_ms: i64) -> i64 {
-    if weighed_unix_ms == i64::MIN {
-        return i64::MIN;
-    }
     let phase_unix_ms = start_unix_ms + settle_ms.rem_euclid(MS_PER_MIN);
+    if weighed_unix_ms == i64::MIN {
+        return phase_unix_ms;
+    }
     phase_unix_ms + ((weighed_unix_ms - phase_unix_ms).div_euclid(MS_PER_MIN) + 1) * MS_PER_MIN
 }
 

@@ -613,7 +613,7 @@ fn first_starts(
 #[test]
 fn an_event_is_weighed_a_minute_apart_a_settling_time_into_each_slot() {
     let start = FRIDGE_EVENT_START;
-    assert_eq!(weigh_due_unix_ms(i64::MIN, start, 35_000), i64::MIN, "never weighed: at once");
+    assert_eq!(weigh_due_unix_ms(i64::MIN, start, 35_000), start + 35_000, "never weighed: once settled");
     assert_eq!(weigh_due_unix_ms(start, start, 35_000), start + 35_000);
     assert_eq!(weigh_due_unix_ms(start + 35_000, start, 35_000), start + 95_000);
     assert_eq!(weigh_due_unix_ms(start + 94_999, start, 35_000), start + 95_000);
@@ -635,7 +635,7 @@ fn a_shortfall_in_the_first_slot_is_topped_up_from_the_second() {
         let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
         let start = FRIDGE_EVENT_START;
         let (id, before, entries) = fridge_event(&engine, "first-slot").await;
-        // The event starts and is weighed before any device has reported.
+        // The event starts; no device has reported yet.
         clock.0.store(start + 1_000, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (reports, _) = first_starts(&engine, id, &entries, 0.6, start + 20_000);
