@@ -503,6 +503,18 @@ async fn fridge_event(engine: &Engine, key: &str) -> (EventId, PlanSummary, Vec<
     (id, plan, entries)
 }
 
+/// [`fridge_event`] on an engine whose rebound cap is the whole target, so that it never binds a top-up.
+async fn uncapped_fridge_event(
+    dir: &Path,
+    clock: &Arc<TestClock>,
+    key: &str,
+) -> (Engine, EventId, PlanSummary, Vec<halftime_ledger::Entry>) {
+    let config = EngineConfig { rebound_fraction_max: 1.0, ..test_config() };
+    let engine = Engine::open(config, dir, Arc::clone(clock) as Arc<dyn Clock>).await.unwrap();
+    let (id, plan, entries) = fridge_event(&engine, key).await;
+    (engine, id, plan, entries)
+}
+
 /// When the devices that have started report shedding less than the plan expected of them, the engine tops the
 /// event up from the next minute, within the event's rebound cap, so that what it now looks like delivering is
 /// back where the plan was. When they shed what was expected, it does not. The cap here is the whole target, so
@@ -630,11 +642,9 @@ fn a_shortfall_in_the_first_slot_is_topped_up_from_the_second() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(TestClock(AtomicI64::new(T0)));
     runtime().block_on(async {
-        let config = EngineConfig { rebound_fraction_max: 1.0, ..test_config() };
-        let settle_ms = i64::from(config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS;
-        let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
+        let settle_ms = i64::from(test_config().randomize_start_s) * 1000 + WEIGH_SETTLE_MS;
+        let (engine, id, before, entries) = uncapped_fridge_event(dir.path(), &clock, "first-slot").await;
         let start = FRIDGE_EVENT_START;
-        let (id, before, entries) = fridge_event(&engine, "first-slot").await;
         // The event starts; no device has reported yet.
         clock.0.store(start + 1_000, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -669,10 +679,8 @@ fn overrides_beyond_what_the_plan_expected_are_topped_up() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(TestClock(AtomicI64::new(T0)));
     runtime().block_on(async {
-        let config = EngineConfig { rebound_fraction_max: 1.0, ..test_config() };
-        let engine = Engine::open(config, dir.path(), Arc::clone(&clock) as Arc<dyn Clock>).await.unwrap();
+        let (engine, id, before, entries) = uncapped_fridge_event(dir.path(), &clock, "overrides").await;
         let start = FRIDGE_EVENT_START;
-        let (id, before, entries) = fridge_event(&engine, "overrides").await;
         let (reports, _) = first_starts(&engine, id, &entries, 1.0, start + 1_000);
         engine.report(&reports).await.unwrap();
         let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
