@@ -1304,6 +1304,7 @@ const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
 /// the plan expected of them; where that foretells a shortfall in a minute still to come, tops the event up on a
 /// task of its own (at most [`TOP_UPS_MAX`] times, one at a time).
 fn weigh_events(inner: &Arc<Inner>, now: i64) {
+    let settle_ms = weigh_settle_ms(&inner.config);
     for e in inner.events.iter() {
         let rt = e.value();
         let top_up = {
@@ -1312,7 +1313,6 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             // The guard follows the rebound after the window too, while deferrals are still under way; the
             // top-up only the window itself.
             let guarding = matches!(st.record.state, EventState::Active | EventState::Completed) && !st.closed;
-            let settle_ms = i64::from(inner.config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS;
             if !guarding || now < weigh_due_unix_ms(st.weighed_unix_ms, st.record.spec.start_unix_ms, settle_ms) {
                 continue;
             }
@@ -1382,6 +1382,11 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             }
         }
     }
+}
+
+/// How far into each slot an event is weighed: its devices' largest random start offset, and [`WEIGH_SETTLE_MS`].
+fn weigh_settle_ms(config: &EngineConfig) -> i64 {
+    i64::from(config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS
 }
 
 /// When an event weighed at `weighed_unix_ms` (`i64::MIN`: never) is weighed next: once a minute, `settle_ms`

@@ -61,6 +61,8 @@ const UNBACKED_SLOTS: usize = 5;
 /// How much more a share of the allowance for scatter costs in the unbacked slots than in the later ones, where
 /// the target comes first.
 const UNBACKED_PENALTY_FACTOR: f64 = 10.0;
+/// A plan on target whose unbacked slots are short of their allowance by less than this share of it is kept.
+const UNBACKED_SHORT_MIN: f64 = 1e-3;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanRequest {
@@ -437,9 +439,6 @@ fn plan_columns(req: &PlanRequest, columns: &[Column], solver: LpSolver, t0: Ins
     }
     Ok(finish(solve_either(true, false)?).0)
 }
-
-/// An unbacked slot short of its allowance by less than this share of its requirement is not planned again.
-const UNBACKED_SHORT_MIN: f64 = 1e-3;
 
 /// A column given fewer appliances than this by the LP, over all its starts, is dropped, not rounded up (see
 /// [`round_and_split`]).
