@@ -1343,11 +1343,11 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             // not promise finds nothing new), less what it now looks like delivering (its expectation, earlier
             // top-ups included, with what the started devices reported in place of what was expected of them).
             let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
-            let plan = &st.record.plan;
+            let (plan, slot0) = (&st.record.plan, st.record.spec.start_unix_ms);
             let residual_w: Vec<f64> = (first_slot..plan.target_w.len())
                 .map(|t| {
                     let expected_w = plan.expected_w.get(t).copied().unwrap_or(0.0);
-                    let deviation_w = realised.deviation_w.get(t).copied().unwrap_or(0.0);
+                    let deviation_w = realised.foreseen_deviation_w(t, slot0, now);
                     (plan.target_w[t].min(expected_w) - (expected_w + deviation_w)).max(0.0)
                 })
                 .collect();

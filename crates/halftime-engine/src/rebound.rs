@@ -10,8 +10,8 @@
 //! lands where the sum is over the cap. Released within a minute of starting, a paused charging session runs a
 //! minute late instead of half an hour; what it would have shed is planned again by the closed loop's top-up.
 
-use crate::runtime::{DeviceTrack, add_interval};
-use halftime_core::physics::{Response, expected_response, expected_response_overridden};
+use crate::runtime::{ClassResponses, DeviceTrack, add_interval};
+use halftime_core::physics::Response;
 use halftime_core::time::MS_PER_MIN;
 use halftime_core::{ApplianceClass, DeviceStatus, Payback};
 use std::collections::HashMap;
@@ -35,7 +35,7 @@ pub struct ReboundGuard {
     /// Deferrals released because their payback would have gone over the cap.
     pub n_released: u64,
     /// Run to the end, and overridden at a random moment, by class and deferral length.
-    responses: HashMap<(ApplianceClass, u32), (Response, Response)>,
+    responses: ClassResponses,
     /// What a device not yet heard from contributes per W of its expected reduction, from its first tail slot on,
     /// by class, deferral length, override chance (its bits) and start relative to the window's end: a plan's
     /// devices share a few of these, and adding one is a pass over a short slice (at national scale, a million
@@ -165,9 +165,7 @@ impl ReboundGuard {
                     add(tail, var, unit);
                     return;
                 }
-                let r = self.responses.entry((t.class, minutes)).or_insert_with(|| {
-                    (expected_response(t.class, minutes), expected_response_overridden(t.class, minutes))
-                });
+                let r = self.responses.get(t.class, minutes);
                 let unit = unit_expected(r, p_override, from, minutes, window_end_unix_ms);
                 add(tail, var, &unit);
                 // Devices that have not said share a few starts; one that started and cannot say has its own.
@@ -191,6 +189,7 @@ impl ReboundGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halftime_core::physics::{expected_response, expected_response_overridden};
     use halftime_core::{ApplianceId, CommandKind, DeferralCommand, EventId, HouseholdId};
 
     fn track(class: ApplianceClass, not_before: i64, minutes: u32, override_chance: f64) -> DeviceTrack {

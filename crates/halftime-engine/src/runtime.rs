@@ -4,6 +4,7 @@
 use crate::rebound::{ReboundGuard, TAIL_SLOTS};
 use halftime_core::Payback;
 use halftime_core::appliance::{N_CLASSES, Timing};
+use halftime_core::physics::{Response, expected_response, expected_response_overridden};
 use halftime_core::time::{MS_PER_MIN, slot_of};
 use halftime_core::{
     ApplianceClass, ApplianceId, DeferralCommand, DeviceStatus, EventProgress, EventRecord, EventState, HouseholdId,
@@ -125,28 +126,34 @@ pub enum Applied {
     EndEarly(i64),
 }
 
-/// What a device is expected to report shedding when it starts: its expected reduction times the mean of its
-/// class's response over the deferral (an EV's session may end within it). Cached per class and length.
+/// Expected responses of a class to a deferral of a given length, run to the end and overridden at a random
+/// moment (`core::physics`), in units of the appliance's expected reduction; computed once per class and length.
 #[derive(Debug, Default)]
-struct ExpectedReport(HashMap<(ApplianceClass, u32), f64>);
+pub struct ClassResponses(HashMap<(ApplianceClass, u32), (Response, Response)>);
 
-impl ExpectedReport {
-    fn w(&mut self, class: ApplianceClass, reduction_w: f64, deferral_s: u32) -> f64 {
-        let minutes = (deferral_s / 60).max(1);
-        let share = *self.0.entry((class, minutes)).or_insert_with(|| {
-            let shed = halftime_core::physics::expected_response(class, minutes).shed;
-            shed.iter().sum::<f64>() / shed.len().max(1) as f64
-        });
-        reduction_w * share
+impl ClassResponses {
+    pub fn get(&mut self, class: ApplianceClass, minutes: u32) -> &(Response, Response) {
+        let minutes = minutes.max(1);
+        self.0
+            .entry((class, minutes))
+            .or_insert_with(|| (expected_response(class, minutes), expected_response_overridden(class, minutes)))
+    }
+
+    /// What a device is expected to report shedding when it starts: its expected reduction times the mean of its
+    /// class's response over the deferral (an EV's session may end within it).
+    fn report_w(&mut self, class: ApplianceClass, reduction_w: f64, deferral_s: u32) -> f64 {
+        let shed = &self.get(class, deferral_s / 60).0.shed;
+        reduction_w * shed.iter().sum::<f64>() / shed.len().max(1) as f64
     }
 }
 
-/// What the devices of an event that have started reported they shed, against what the plan expected of them,
-/// kept up to date as their reports arrive. A rejection counts as nothing shed over the window it was given;
+/// What the devices of an event that have started reported they shed and will pay back, against what the plan
+/// expected of them, kept up to date as their reports arrive. A rejection counts as nothing shed or paid back;
 /// devices that have not said yet count as planned. The plan counted on each device's household overriding
-/// with its chance, at a uniformly random moment of the deferral; a device that starts has that expected loss
-/// given back, and one that is overridden loses what it reported from then on, so overrides weigh against
-/// their expectation as they happen.
+/// with its chance, at a uniformly random moment of the deferral, and on its class's average payback. A device
+/// that starts has that expected override given back and its own payback forecast weighed against the class's;
+/// one that is overridden loses what it reported from then on and pays back from then, so overrides and
+/// paybacks inside the window weigh against their expectation as they happen.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Realised {
     /// Devices that have said whether they started, and how many of them refused.
@@ -155,54 +162,150 @@ pub struct Realised {
     /// Over those devices: what the plan expected them to shed, and what they reported, W.
     pub expected_w: f64,
     pub reported_w: f64,
-    /// Per slot of the event, what they reported less what was expected of them over their windows, W.
+    /// Per slot of the event, what they delivered (shed less payback) less what was expected of them, W, had
+    /// none of them been overridden since they started.
     pub deviation_w: Vec<f64>,
+    /// Per slot, what the plan expected the started devices still under way to lose to overrides, per minute of
+    /// their deferral before the slot: an override can come in any minute up to the slot, and one that has not
+    /// come by then will not take that minute's share (see [`Realised::foreseen_deviation_w`]), W per minute.
+    pub override_hazard_w: Vec<f64>,
     /// Devices overridden after they started.
     pub n_overridden: u64,
 }
 
-impl Realised {
-    /// Adds a device's start (or refusal) over its window from `from_unix_ms`, in the slots of an event that
-    /// starts at `slot0_unix_ms` and has `n_slots`.
-    #[allow(clippy::too_many_arguments)]
-    fn note(
-        &mut self,
-        slot0_unix_ms: i64,
-        n_slots: usize,
-        from_unix_ms: i64,
-        deferral_s: u32,
-        reported_w: f64,
-        expected_w: f64,
-        override_chance: f64,
-    ) {
-        self.deviation_w.resize(n_slots, 0.0);
-        self.n_known += 1;
-        self.expected_w += expected_w;
-        self.reported_w += reported_w;
-        let to_unix_ms = from_unix_ms + i64::from(deferral_s) * 1000;
-        add_interval(&mut self.deviation_w, slot0_unix_ms, from_unix_ms, to_unix_ms, reported_w - expected_w);
-        // The expected loss to an override by minute k of the deferral: its chance of having come by then.
-        let p = override_chance.clamp(0.0, 1.0);
-        let n_min = i64::from(deferral_s.div_ceil(60));
-        if p <= 0.0 || n_min == 0 {
-            return;
+/// What an override with chance `p` is expected to take, minute by minute: `p` times the response run to the end
+/// (`full`) less the response overridden.
+fn override_loss(p: f64, full: &[f64], overridden: &[f64]) -> Vec<f64> {
+    (0..full.len().max(overridden.len()))
+        .map(|i| p * (full.get(i).copied().unwrap_or(0.0) - overridden.get(i).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// A device's start (or refusal), as [`Realised`] weighs it.
+struct Start<'a> {
+    from_unix_ms: i64,
+    deferral_s: u32,
+    /// What it reported shedding (an average over the deferral), and what the plan expected it to report, W.
+    reported_w: f64,
+    expected_w: f64,
+    /// The appliance's expected reduction at a random moment: the unit of `responses`, W.
+    planned_w: f64,
+    override_chance: f64,
+    /// What it says it will pay back at the deferral's end.
+    payback: Option<Payback>,
+    /// Whether it started (a refusal: it will not be overridden either).
+    started: bool,
+    /// Its class's expected responses to the deferral, run to the end and overridden.
+    responses: &'a (Response, Response),
+}
+
+impl<'a> Start<'a> {
+    /// What the plan expected of `t`, and what it reported and will pay back, from its command's start.
+    fn of(t: &DeviceTrack, responses: &'a (Response, Response)) -> Self {
+        Start {
+            from_unix_ms: t.started_unix_ms.unwrap_or(t.command.not_before_unix_ms),
+            deferral_s: t.command.deferral_s,
+            reported_w: f64::from(t.reduction_w),
+            expected_w: t.expected_w,
+            planned_w: t.planned_w,
+            override_chance: t.override_chance,
+            payback: t.payback,
+            started: t.started_unix_ms.is_some(),
+            responses,
         }
-        // Only the minutes inside the event's slots: a long deferral's tail is no one's concern here.
-        let window_end = slot0_unix_ms + n_slots as i64 * MS_PER_MIN;
-        let k_max = (window_end - from_unix_ms).div_euclid(MS_PER_MIN).clamp(-1, n_min - 1);
-        for k in 0..=k_max {
-            let (a, b) = (from_unix_ms + k * MS_PER_MIN, (from_unix_ms + (k + 1) * MS_PER_MIN).min(to_unix_ms));
-            let lost_w = expected_w * p * (k as f64 + 0.5) / n_min as f64;
-            add_interval(&mut self.deviation_w, slot0_unix_ms, a, b, lost_w);
+    }
+}
+
+impl Realised {
+    /// Adds a device's start (or refusal) in the slots of an event that starts at `slot0_unix_ms` and has
+    /// `n_slots`.
+    fn note(&mut self, slot0_unix_ms: i64, n_slots: usize, s: &Start) {
+        self.deviation_w.resize(n_slots, 0.0);
+        self.override_hazard_w.resize(n_slots, 0.0);
+        self.n_known += 1;
+        self.expected_w += s.expected_w;
+        self.reported_w += s.reported_w;
+        let (from, window_end) = (s.from_unix_ms, slot0_unix_ms + n_slots as i64 * MS_PER_MIN);
+        let end = from + i64::from(s.deferral_s) * 1000;
+        let dev = &mut self.deviation_w;
+        add_interval(dev, slot0_unix_ms, from, end, s.reported_w - s.expected_w);
+        if let Some(p) = s.payback {
+            add_interval(dev, slot0_unix_ms, p.from_unix_ms, p.to_unix_ms, -f64::from(p.power_w));
+        }
+        // The plan's expectation, minute by minute after `at`: `x` per W of expected reduction. Only the minutes
+        // inside the event's slots: a long deferral's tail and late payback are no one's concern here.
+        let mut expect = |at: i64, x: &[f64], sign: f64| {
+            let n = (window_end - at).div_euclid(MS_PER_MIN) + 1;
+            for (k, x) in (0..n.max(0)).zip(x) {
+                let a = at + k * MS_PER_MIN;
+                add_interval(dev, slot0_unix_ms, a, a + MS_PER_MIN, sign * s.planned_w * x);
+            }
+        };
+        let (full, overridden) = s.responses;
+        // Its class's payback from the deferral's end, had it run to the end.
+        expect(end, &full.payback, 1.0);
+        // What the plan expected it to lose to an override, given back: the shed it would not have made and the
+        // payback it would have started inside the deferral, and the payback after the deferral that it would
+        // then not owe. Until an override could no longer come, the hazard keeps its share of it.
+        let p = s.override_chance.clamp(0.0, 1.0);
+        if p > 0.0 {
+            let lost_shed = override_loss(p, &full.shed, &overridden.shed);
+            expect(from, &lost_shed, 1.0);
+            expect(end, &override_loss(p, &full.payback, &overridden.payback), -1.0);
+            if s.started {
+                self.hazard(slot0_unix_ms, from, s.planned_w, &lost_shed, 1.0);
+            }
         }
     }
 
-    /// A started device reported shedding `reported_w` from `from_unix_ms` for `deferral_s`, and its household
-    /// overrode it at `at_unix_ms`: nothing from then on.
-    fn overridden(&mut self, slot0_unix_ms: i64, from_unix_ms: i64, deferral_s: u32, reported_w: f64, at_unix_ms: i64) {
-        self.n_overridden += 1;
-        let to_unix_ms = from_unix_ms + i64::from(deferral_s) * 1000;
-        add_interval(&mut self.deviation_w, slot0_unix_ms, at_unix_ms.max(from_unix_ms), to_unix_ms, -reported_w);
+    /// Adds `sign` times the override hazard of a device that started at `from_unix_ms` and was expected to lose
+    /// `lost_shed` (per W of `planned_w`) in each minute of its deferral: an override comes at a uniformly random
+    /// moment, so minute k's expected loss is spread over the k + ½ minutes of the deferral before its middle.
+    fn hazard(&mut self, slot0_unix_ms: i64, from_unix_ms: i64, planned_w: f64, lost_shed: &[f64], sign: f64) {
+        let window_end = slot0_unix_ms + self.override_hazard_w.len() as i64 * MS_PER_MIN;
+        let n = (window_end - from_unix_ms).div_euclid(MS_PER_MIN) + 1;
+        for (k, lost) in (0..n.max(0)).zip(lost_shed) {
+            let a = from_unix_ms + k * MS_PER_MIN;
+            let w = sign * planned_w * lost / (k as f64 + 0.5);
+            add_interval(&mut self.override_hazard_w, slot0_unix_ms, a, a + MS_PER_MIN, w);
+        }
+    }
+
+    /// A started device `s` ended early at `at_unix_ms` (overridden, or released by the engine): it no longer
+    /// sheds `shed_w` from then until `shed_to_unix_ms`, pays back `now` instead of `before`, and can no longer
+    /// be overridden.
+    #[allow(clippy::too_many_arguments)]
+    fn ended_early(
+        &mut self,
+        slot0_unix_ms: i64,
+        s: &Start,
+        at_unix_ms: i64,
+        (shed_to_unix_ms, shed_w): (i64, f64),
+        before: Option<Payback>,
+        now: Option<Payback>,
+    ) {
+        let dev = &mut self.deviation_w;
+        add_interval(dev, slot0_unix_ms, at_unix_ms.max(s.from_unix_ms), shed_to_unix_ms, -shed_w);
+        for (p, sign) in [(before, 1.0), (now, -1.0)] {
+            if let Some(p) = p {
+                add_interval(dev, slot0_unix_ms, p.from_unix_ms, p.to_unix_ms, sign * f64::from(p.power_w));
+            }
+        }
+        let p = s.override_chance.clamp(0.0, 1.0);
+        if p > 0.0 {
+            let (full, overridden) = s.responses;
+            let lost_shed = override_loss(p, &full.shed, &overridden.shed);
+            self.hazard(slot0_unix_ms, s.from_unix_ms, s.planned_w, &lost_shed, -1.0);
+        }
+    }
+
+    /// What the devices that have said look like delivering in `slot`, less what was expected of them, W, weighed
+    /// at `now_unix_ms`: their reports, and the overrides still to come before the slot's middle.
+    pub fn foreseen_deviation_w(&self, slot: usize, slot0_unix_ms: i64, now_unix_ms: i64) -> f64 {
+        let middle = slot0_unix_ms + slot as i64 * MS_PER_MIN + MS_PER_MIN / 2;
+        let minutes_ahead = ((middle - now_unix_ms) as f64 / MS_PER_MIN as f64).max(0.0);
+        let deviation_w = self.deviation_w.get(slot).copied().unwrap_or(0.0);
+        deviation_w - self.override_hazard_w.get(slot).copied().unwrap_or(0.0) * minutes_ahead
     }
 }
 
@@ -216,7 +319,7 @@ pub struct RuntimeState {
     pub dirty: bool,
     pub closed: bool,
     pub realised: Realised,
-    expected_report: ExpectedReport,
+    responses: ClassResponses,
     /// Expected reduction of the devices dispatched, per appliance class, W.
     pub planned_by_class_w: [f64; N_CLASSES],
     /// When the devices' reports were last weighed against the plan, engine time.
@@ -246,7 +349,7 @@ impl EventRuntime {
             dirty: true,
             closed: false,
             realised: Realised::default(),
-            expected_report: ExpectedReport::default(),
+            responses: ClassResponses::default(),
             planned_by_class_w: [0.0; N_CLASSES],
             weighed_unix_ms: i64::MIN,
             n_top_ups: 0,
@@ -286,7 +389,7 @@ impl RuntimeState {
         override_chance: f64,
         power_w: u32,
     ) {
-        let expected_w = self.expected_report.w(class, reduction_w, command.deferral_s);
+        let expected_w = self.responses.report_w(class, reduction_w, command.deferral_s);
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
         self.households.insert(household);
         let track = DeviceTrack {
@@ -387,10 +490,11 @@ impl RuntimeState {
         for (v, d) in self.rebound.tail_var_w2.iter_mut().zip(&delta_var_w2) {
             *v += d;
         }
-        if let Some((from, to, shed_w)) = before.shed() {
-            let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-            self.realised.deviation_w.resize(n, 0.0);
-            add_interval(&mut self.realised.deviation_w, slot0, from.max(at_unix_ms), to, -shed_w);
+        if let Some((_, to, shed_w)) = before.shed() {
+            let slot0 = self.record.spec.start_unix_ms;
+            let start = Start::of(&before, self.responses.get(before.class, before.command.deferral_s / 60));
+            let now = before.payback_if_ended_at(at_unix_ms);
+            self.realised.ended_early(slot0, &start, at_unix_ms, (to, shed_w), before.payback, now);
         }
         self.devices.insert(device, after);
         self.guard_releases.push(device);
@@ -481,9 +585,8 @@ impl RuntimeState {
                     track.payback = payback;
                     c.started += 1;
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-                    let (deferral_s, expected_w) = (track.command.deferral_s, track.expected_w);
-                    let p = track.override_chance;
-                    self.realised.note(slot0, n, at, deferral_s, f64::from(reduction_w), expected_w, p);
+                    let start = Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60));
+                    self.realised.note(slot0, n, &start);
                 }
             }
             DeviceStatus::Completed => {
@@ -492,14 +595,17 @@ impl RuntimeState {
             }
             DeviceStatus::Overridden => {
                 c.overridden += 1;
-                if let Some(started) = track.started_unix_ms {
-                    let (deferral_s, reported_w) = (track.command.deferral_s, f64::from(track.reduction_w));
+                let before = track.payback;
+                track.payback = payback.or_else(|| track.payback_if_ended_at(at));
+                if track.started_unix_ms.is_some() {
+                    let start = Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60));
+                    let shed_to = start.from_unix_ms + i64::from(start.deferral_s) * 1000;
                     let slot0 = self.record.spec.start_unix_ms;
-                    self.realised.overridden(slot0, started, deferral_s, reported_w, at);
+                    self.realised.ended_early(slot0, &start, at, (shed_to, start.reported_w), before, track.payback);
+                    self.realised.n_overridden += 1;
                 }
                 track.ended_unix_ms = Some(at);
                 end_early = Some(at);
-                track.payback = payback.or_else(|| track.payback_if_ended_at(at));
             }
             DeviceStatus::Released => {
                 track.ended_unix_ms = Some(track.ended_unix_ms.map_or(at, |e| e.min(at)));
@@ -512,8 +618,12 @@ impl RuntimeState {
                 end_early = Some(track.command.not_before_unix_ms);
                 if track.started_unix_ms.is_none() {
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-                    let (from, deferral_s) = (track.command.not_before_unix_ms, track.command.deferral_s);
-                    self.realised.note(slot0, n, from, deferral_s, 0.0, track.expected_w, track.override_chance);
+                    let start = Start {
+                        reported_w: 0.0,
+                        payback: None,
+                        ..Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60))
+                    };
+                    self.realised.note(slot0, n, &start);
                     self.realised.n_rejected += 1;
                 }
             }
@@ -534,6 +644,8 @@ impl RuntimeState {
         }
     }
 
+    /// What the devices deliver in each slot, as they report it: their shed, less the payback that falls inside
+    /// the window (of a deferral overridden, or ended before the window does).
     fn delivered_w(&self) -> Vec<f64> {
         let start = self.record.spec.start_unix_ms;
         let n = self.record.spec.target_w.len();
@@ -543,6 +655,9 @@ impl RuntimeState {
                 continue;
             };
             add_interval(&mut out, start, from, to, shed_w);
+            if let Some(p) = t.payback {
+                add_interval(&mut out, start, p.from_unix_ms, p.to_unix_ms, -f64::from(p.power_w));
+            }
         }
         out
     }
@@ -605,8 +720,10 @@ mod tests {
     use super::*;
     use halftime_core::{CommandKind, EventId, Priority, StressEventSpec};
 
-    /// Two devices with 5-minute deferrals: one starts and reports half what was expected of it, one refuses.
-    /// What the event realised counts both, slot by slot, and a report repeated changes nothing.
+    /// Two devices with 5-minute deferrals in a 10-minute window: one starts, reports half what was expected of
+    /// it and a payback of its own, one refuses. What the event realised counts both, slot by slot: the refused
+    /// one's shed and its class's payback after it do not come, the started one's payback replaces its class's.
+    /// A report repeated changes nothing.
     #[test]
     fn realised_follows_starts_and_refusals_as_they_are_reported() {
         let (mut st, _, command) = event(1_000.0, 5);
@@ -614,18 +731,24 @@ mod tests {
         // Fridges, whose mean response over any window is what they shed at a random moment.
         st.add_device(HouseholdId(1), command(1, start), ApplianceClass::Fridge, 400.0, 0.0, 135);
         st.add_device(HouseholdId(2), command(2, start), ApplianceClass::Fridge, 600.0, 0.0, 135);
-        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
-        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, None);
+        let payback =
+            Payback { power_w: 100, from_unix_ms: start + 5 * MS_PER_MIN, to_unix_ms: start + 10 * MS_PER_MIN };
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, Some(payback));
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 200, Some(payback));
         st.apply(ApplianceId(2), DeviceStatus::Rejected, start, 0, None);
         let r = &st.realised;
         assert_eq!((r.n_known, r.n_rejected), (2, 1));
         assert!((r.expected_w - 1_000.0).abs() < 1e-6 && r.reported_w == 200.0, "{r:?}");
-        let want = [vec![-800.0; 5], vec![0.0; 5]].concat();
-        assert!(r.deviation_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?}", r.deviation_w);
+        let class_payback = halftime_core::physics::expected_response(ApplianceClass::Fridge, 5).payback;
+        assert!(class_payback.len() >= 5 && class_payback[0] > 0.0, "{class_payback:?}");
+        let want: Vec<f64> =
+            (0..10).map(|k| if k < 5 { -800.0 } else { 1_000.0 * class_payback[k - 5] - 100.0 }).collect();
+        assert!(r.deviation_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{:?} != {want:?}", r.deviation_w);
     }
 
-    /// A device that starts has what the plan expected it to lose to an override given back, growing through its
-    /// deferral as the override's chance of having come does; overridden, it loses what it reported from then on.
+    /// A device that starts has what the plan expected it to lose to an override given back: the shed it would
+    /// not have made and the payback it would have started inside the deferral. Overridden, it loses what it
+    /// reported from then on, and pays back what it says from then.
     #[test]
     fn realised_weighs_an_override_against_its_expectation() {
         let (mut st, _, command) = event(1_000.0, 10);
@@ -634,16 +757,57 @@ mod tests {
         let expected_w = st.devices[&ApplianceId(1)].expected_w;
         let reported = expected_w.round() as u32;
         st.apply(ApplianceId(1), DeviceStatus::Started, start, reported, None);
-        let given_back = |k: usize| expected_w * 0.5 * (k as f64 + 0.5) / 10.0;
+        let full = halftime_core::physics::expected_response(ApplianceClass::Fridge, 10);
+        let overridden = halftime_core::physics::expected_response_overridden(ApplianceClass::Fridge, 10);
+        let given_back = |k: usize| 400.0 * 0.5 * (full.shed[k] - overridden.shed[k]);
+        // More is lost to an override late in the deferral than early; an override's payback inside the
+        // deferral makes it more than the shed alone.
+        assert!(given_back(9) > given_back(0) && given_back(9) > 400.0 * 0.5 * 0.95 * full.shed[9]);
         let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 0.5);
         let rounding = f64::from(reported) - expected_w;
         let want: Vec<f64> = (0..10).map(|k| given_back(k) + rounding).collect();
         assert!(close(&st.realised.deviation_w, &want), "{:?} != {want:?}", st.realised.deviation_w);
-        st.apply(ApplianceId(1), DeviceStatus::Overridden, start + 4 * MS_PER_MIN, 0, None);
-        let want: Vec<f64> =
-            want.iter().enumerate().map(|(k, w)| if k >= 4 { w - f64::from(reported) } else { *w }).collect();
+        // Foreseen at the start, the override may still come in any minute: the plan's expectation stands.
+        // Three minutes in, the minutes before are its own; a later minute keeps the share of its expected loss
+        // that an override still to come would take.
+        let foreseen =
+            |now: i64| -> Vec<f64> { (0..10).map(|k| st.realised.foreseen_deviation_w(k, start, now)).collect() };
+        assert!(close(&foreseen(start), &[rounding; 10]), "{:?}", foreseen(start));
+        let later: Vec<f64> = (0..10)
+            .map(|k| rounding + given_back(k) * (1.0 - (k as f64 + 0.5 - 3.0).max(0.0) / (k as f64 + 0.5)))
+            .collect();
+        assert!(
+            close(&foreseen(start + 3 * MS_PER_MIN), &later),
+            "{:?} != {later:?}",
+            foreseen(start + 3 * MS_PER_MIN)
+        );
+        let at = start + 4 * MS_PER_MIN;
+        let payback = Payback { power_w: 135, from_unix_ms: at, to_unix_ms: at + 2 * MS_PER_MIN };
+        st.apply(ApplianceId(1), DeviceStatus::Overridden, at, 0, Some(payback));
+        let lost =
+            |k: usize| if k >= 4 { f64::from(reported) } else { 0.0 } + if k == 4 || k == 5 { 135.0 } else { 0.0 };
+        let want: Vec<f64> = want.iter().enumerate().map(|(k, w)| w - lost(k)).collect();
         assert!(close(&st.realised.deviation_w, &want), "{:?} != {want:?}", st.realised.deviation_w);
+        // Overridden, it can be overridden no more: what it reported is all there is to foresee.
+        let foreseen: Vec<f64> = (0..10).map(|k| st.realised.foreseen_deviation_w(k, start, at)).collect();
+        assert!(close(&foreseen, &want), "{foreseen:?} != {want:?}");
         assert_eq!(st.realised.n_overridden, 1);
+    }
+
+    /// What an event delivers, as its devices report it, is their shed less the payback they said they will
+    /// draw inside the window: here an override's.
+    #[test]
+    fn delivered_counts_the_payback_inside_the_window() {
+        let (mut st, _, command) = event(1_000.0, 10);
+        let start = st.record.spec.start_unix_ms;
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::Fridge, 100.0, 0.0, 135);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 100, None);
+        let at = start + 4 * MS_PER_MIN;
+        let payback = Payback { power_w: 135, from_unix_ms: at, to_unix_ms: at + 2 * MS_PER_MIN };
+        st.apply(ApplianceId(1), DeviceStatus::Overridden, at, 0, Some(payback));
+        let want = [100.0, 100.0, 100.0, 100.0, -135.0, -135.0, 0.0, 0.0, 0.0, 0.0];
+        let delivered = st.delivered_w();
+        assert!(delivered.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{delivered:?}");
     }
 
     /// An active event of ten one-minute slots from minute 60 asking `target_w`, its window's end, and its
