@@ -175,10 +175,9 @@ pub struct Realised {
 
 /// What an override with chance `p` is expected to take, minute by minute: `p` times the response run to the end
 /// (`full`) less the response overridden.
-fn override_loss(p: f64, full: &[f64], overridden: &[f64]) -> Vec<f64> {
+fn override_loss<'a>(p: f64, full: &'a [f64], overridden: &'a [f64]) -> impl Iterator<Item = f64> + 'a {
     (0..full.len().max(overridden.len()))
-        .map(|i| p * (full.get(i).copied().unwrap_or(0.0) - overridden.get(i).copied().unwrap_or(0.0)))
-        .collect()
+        .map(move |i| p * (full.get(i).copied().unwrap_or(0.0) - overridden.get(i).copied().unwrap_or(0.0)))
 }
 
 /// A device's start (or refusal), as [`Realised`] weighs it.
@@ -234,7 +233,7 @@ impl Realised {
         }
         // The plan's expectation, minute by minute after `at`: `x` per W of expected reduction. Only the minutes
         // inside the event's slots: a long deferral's tail and late payback are no one's concern here.
-        let mut expect = |at: i64, x: &[f64], sign: f64| {
+        let mut expect = |at: i64, x: &mut dyn Iterator<Item = f64>, sign: f64| {
             let n = (window_end - at).div_euclid(MS_PER_MIN) + 1;
             for (k, x) in (0..n.max(0)).zip(x) {
                 let a = at + k * MS_PER_MIN;
@@ -243,17 +242,16 @@ impl Realised {
         };
         let (full, overridden) = s.responses;
         // Its class's payback from the deferral's end, had it run to the end.
-        expect(end, &full.payback, 1.0);
+        expect(end, &mut full.payback.iter().copied(), 1.0);
         // What the plan expected it to lose to an override, given back: the shed it would not have made and the
         // payback it would have started inside the deferral, and the payback after the deferral that it would
         // then not owe. Until an override could no longer come, the hazard keeps its share of it.
         let p = s.override_chance.clamp(0.0, 1.0);
         if p > 0.0 {
-            let lost_shed = override_loss(p, &full.shed, &overridden.shed);
-            expect(from, &lost_shed, 1.0);
-            expect(end, &override_loss(p, &full.payback, &overridden.payback), -1.0);
+            expect(from, &mut override_loss(p, &full.shed, &overridden.shed), 1.0);
+            expect(end, &mut override_loss(p, &full.payback, &overridden.payback), -1.0);
             if s.started {
-                self.hazard(slot0_unix_ms, from, s.planned_w, &lost_shed, 1.0);
+                self.hazard(slot0_unix_ms, from, s.planned_w, override_loss(p, &full.shed, &overridden.shed), 1.0);
             }
         }
     }
@@ -261,7 +259,14 @@ impl Realised {
     /// Adds `sign` times the override hazard of a device that started at `from_unix_ms` and was expected to lose
     /// `lost_shed` (per W of `planned_w`) in each minute of its deferral: an override comes at a uniformly random
     /// moment, so minute k's expected loss is spread over the k + ½ minutes of the deferral before its middle.
-    fn hazard(&mut self, slot0_unix_ms: i64, from_unix_ms: i64, planned_w: f64, lost_shed: &[f64], sign: f64) {
+    fn hazard(
+        &mut self,
+        slot0_unix_ms: i64,
+        from_unix_ms: i64,
+        planned_w: f64,
+        lost_shed: impl Iterator<Item = f64>,
+        sign: f64,
+    ) {
         let window_end = slot0_unix_ms + self.override_hazard_w.len() as i64 * MS_PER_MIN;
         let n = (window_end - from_unix_ms).div_euclid(MS_PER_MIN) + 1;
         for (k, lost) in (0..n.max(0)).zip(lost_shed) {
@@ -274,7 +279,6 @@ impl Realised {
     /// A started device `s` ended early at `at_unix_ms` (overridden, or released by the engine): it no longer
     /// sheds `shed_w` from then until `shed_to_unix_ms`, pays back `now` instead of `before`, and can no longer
     /// be overridden.
-    #[allow(clippy::too_many_arguments)]
     fn ended_early(
         &mut self,
         slot0_unix_ms: i64,
@@ -295,7 +299,7 @@ impl Realised {
         if p > 0.0 {
             let (full, overridden) = s.responses;
             let lost_shed = override_loss(p, &full.shed, &overridden.shed);
-            self.hazard(slot0_unix_ms, s.from_unix_ms, s.planned_w, &lost_shed, -1.0);
+            self.hazard(slot0_unix_ms, s.from_unix_ms, s.planned_w, lost_shed, -1.0);
         }
     }
 
