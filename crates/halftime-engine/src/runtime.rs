@@ -601,7 +601,8 @@ impl RuntimeState {
                 c.overridden += 1;
                 let before = track.payback;
                 track.payback = payback.or_else(|| track.payback_if_ended_at(at));
-                if track.started_unix_ms.is_some() {
+                // A deferral the guard has released was weighed as ended then.
+                if track.started_unix_ms.is_some() && track.guard_released_at.is_none() {
                     let start = Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60));
                     let shed_to = start.from_unix_ms + i64::from(start.deferral_s) * 1000;
                     let slot0 = self.record.spec.start_unix_ms;
@@ -982,6 +983,22 @@ mod tests {
             st.apply(ApplianceId(1), DeviceStatus::Released, start, 0, None);
         }
         assert_eq!(st.shave_rebound(start, 100), 0, "a queued device is not queued again");
+    }
+
+    /// A deferral the guard releases is weighed as ended when it is queued: the household's override that reaches
+    /// the engine before the release reaches the device changes nothing more.
+    #[test]
+    fn an_override_after_the_guard_released_a_deferral_is_not_weighed_twice() {
+        let (mut st, window_end, command) = event(10_000.0, 10);
+        let start = st.record.spec.start_unix_ms;
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::EvCharger, 1_000.0, 0.5, 7_000);
+        st.rebound.cap_w = Some(1_000.0);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 60, 65));
+        assert_eq!(st.guard_releases, vec![ApplianceId(1)]);
+        let released = st.realised.clone();
+        assert!(released.deviation_w.iter().all(|&w| w < 0.0), "{released:?}");
+        st.apply(ApplianceId(1), DeviceStatus::Overridden, start + 3 * MS_PER_MIN, 0, None);
+        assert_eq!(st.realised, released);
     }
 
     /// A paused charging session sheds its charger's full draw until the session would have ended, and nothing
