@@ -199,8 +199,9 @@ struct Start<'a> {
 }
 
 impl<'a> Start<'a> {
-    /// What the plan expected of `t`, and what it reported and will pay back, from its command's start.
-    fn of(t: &DeviceTrack, responses: &'a (Response, Response)) -> Self {
+    /// What the plan expected of `t`, and what it reported and will pay back, from its start (or its command's).
+    fn of(t: &DeviceTrack, responses: &'a mut ClassResponses) -> Self {
+        let responses = responses.get(t.class, t.command.deferral_s / 60);
         Start {
             from_unix_ms: t.started_unix_ms.unwrap_or(t.command.not_before_unix_ms),
             deferral_s: t.command.deferral_s,
@@ -496,7 +497,7 @@ impl RuntimeState {
         }
         if let Some((_, to, shed_w)) = before.shed() {
             let slot0 = self.record.spec.start_unix_ms;
-            let start = Start::of(&before, self.responses.get(before.class, before.command.deferral_s / 60));
+            let start = Start::of(&before, &mut self.responses);
             let now = before.payback_if_ended_at(at_unix_ms);
             self.realised.ended_early(slot0, &start, at_unix_ms, (to, shed_w), before.payback, now);
         }
@@ -589,7 +590,7 @@ impl RuntimeState {
                     track.payback = payback;
                     c.started += 1;
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-                    let start = Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60));
+                    let start = Start::of(track, &mut self.responses);
                     self.realised.note(slot0, n, &start);
                 }
             }
@@ -603,7 +604,7 @@ impl RuntimeState {
                 track.payback = payback.or_else(|| track.payback_if_ended_at(at));
                 // A deferral the guard has released was weighed as ended then.
                 if track.started_unix_ms.is_some() && track.guard_released_at.is_none() {
-                    let start = Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60));
+                    let start = Start::of(track, &mut self.responses);
                     let shed_to = start.from_unix_ms + i64::from(start.deferral_s) * 1000;
                     let slot0 = self.record.spec.start_unix_ms;
                     self.realised.ended_early(slot0, &start, at, (shed_to, start.reported_w), before, track.payback);
@@ -623,11 +624,7 @@ impl RuntimeState {
                 end_early = Some(track.command.not_before_unix_ms);
                 if track.started_unix_ms.is_none() {
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-                    let start = Start {
-                        reported_w: 0.0,
-                        payback: None,
-                        ..Start::of(track, self.responses.get(track.class, track.command.deferral_s / 60))
-                    };
+                    let start = Start { reported_w: 0.0, payback: None, ..Start::of(track, &mut self.responses) };
                     self.realised.note(slot0, n, &start);
                     self.realised.n_rejected += 1;
                 }
