@@ -34,8 +34,9 @@ pub struct ReboundGuard {
     pub cap_w: Option<f64>,
     /// Deferrals released because their payback would have gone over the cap.
     pub n_released: u64,
-    /// Run to the end, and overridden at a random moment, by class and deferral length.
-    responses: ClassResponses,
+    /// Run to the end, and overridden at a random moment, by class and deferral length: the event's one cache
+    /// of them, which its realised account uses too.
+    pub responses: ClassResponses,
     /// What a device not yet heard from contributes per W of its expected reduction, from its first tail slot on,
     /// by class, deferral length, override chance (its bits) and start relative to the window's end: a plan's
     /// devices share a few of these, and adding one is a pass over a short slice (at national scale, a million

@@ -324,7 +324,6 @@ pub struct RuntimeState {
     pub dirty: bool,
     pub closed: bool,
     pub realised: Realised,
-    responses: ClassResponses,
     /// Expected reduction of the devices dispatched, per appliance class, W.
     pub planned_by_class_w: [f64; N_CLASSES],
     /// When the devices' reports were last weighed against the plan, engine time.
@@ -354,7 +353,6 @@ impl EventRuntime {
             dirty: true,
             closed: false,
             realised: Realised::default(),
-            responses: ClassResponses::default(),
             planned_by_class_w: [0.0; N_CLASSES],
             weighed_unix_ms: i64::MIN,
             n_top_ups: 0,
@@ -394,7 +392,7 @@ impl RuntimeState {
         override_chance: f64,
         power_w: u32,
     ) {
-        let expected_w = self.responses.report_w(class, reduction_w, command.deferral_s);
+        let expected_w = self.rebound.responses.report_w(class, reduction_w, command.deferral_s);
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
         self.households.insert(household);
         let track = DeviceTrack {
@@ -497,7 +495,7 @@ impl RuntimeState {
         }
         if let Some((_, to, shed_w)) = before.shed() {
             let slot0 = self.record.spec.start_unix_ms;
-            let start = Start::of(&before, &mut self.responses);
+            let start = Start::of(&before, &mut self.rebound.responses);
             let now = before.payback_if_ended_at(at_unix_ms);
             self.realised.ended_early(slot0, &start, at_unix_ms, (to, shed_w), before.payback, now);
         }
@@ -590,7 +588,7 @@ impl RuntimeState {
                     track.payback = payback;
                     c.started += 1;
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-                    let start = Start::of(track, &mut self.responses);
+                    let start = Start::of(track, &mut self.rebound.responses);
                     self.realised.note(slot0, n, &start);
                 }
             }
@@ -604,7 +602,7 @@ impl RuntimeState {
                 track.payback = payback.or_else(|| track.payback_if_ended_at(at));
                 // A deferral the guard has released was weighed as ended then.
                 if track.started_unix_ms.is_some() && track.guard_released_at.is_none() {
-                    let start = Start::of(track, &mut self.responses);
+                    let start = Start::of(track, &mut self.rebound.responses);
                     let shed_to = start.from_unix_ms + i64::from(start.deferral_s) * 1000;
                     let slot0 = self.record.spec.start_unix_ms;
                     self.realised.ended_early(slot0, &start, at, (shed_to, start.reported_w), before, track.payback);
@@ -624,7 +622,8 @@ impl RuntimeState {
                 end_early = Some(track.command.not_before_unix_ms);
                 if track.started_unix_ms.is_none() {
                     let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-                    let start = Start { reported_w: 0.0, payback: None, ..Start::of(track, &mut self.responses) };
+                    let start =
+                        Start { reported_w: 0.0, payback: None, ..Start::of(track, &mut self.rebound.responses) };
                     self.realised.note(slot0, n, &start);
                     self.realised.n_rejected += 1;
                 }
