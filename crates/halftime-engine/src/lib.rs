@@ -1339,18 +1339,16 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             if !inner.config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
                 continue;
             }
-            // From the next minute on: what the plan promises (up to the target; planning again what it could
-            // not promise finds nothing new), less what it now looks like delivering (its expectation, earlier
-            // top-ups included, with what the started devices reported in place of what was expected of them).
             let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
-            let (plan, slot0) = (&st.record.plan, st.record.spec.start_unix_ms);
-            let residual_w: Vec<f64> = (first_slot..plan.target_w.len())
-                .map(|t| {
-                    let expected_w = plan.expected_w.get(t).copied().unwrap_or(0.0);
-                    let deviation_w = realised.foreseen_deviation_w(t, slot0, now);
-                    (plan.target_w[t].min(expected_w) - (expected_w + deviation_w)).max(0.0)
-                })
-                .collect();
+            let residual_w = top_up_residual_w(
+                &st.record.plan,
+                realised,
+                st.record.spec.start_unix_ms,
+                first_slot,
+                now,
+                &inner.config,
+            );
+            let plan = &st.record.plan;
             let peak_w = plan.target_w.iter().copied().fold(0.0, f64::max);
             if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
                 continue;
@@ -1382,6 +1380,36 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             }
         }
     }
+}
+
+/// What a top-up is asked for in each slot from `first_slot` on, weighed at `now_unix_ms`: what the plan promises
+/// (up to the target; planning again what it could not promise finds nothing new), less what it now looks like
+/// delivering (its expectation, earlier top-ups included, with what the started devices reported in place of
+/// what was expected of them). Where it promised the target, it promised it with an allowance for scatter: the
+/// devices that have said no longer scatter, and what those that have not may still do is kept in hand, as the
+/// plan did. Without that, the first devices' shortfall could spend the allowance that the scatter of the devices
+/// starting after them needed: most of the season's misses were then the ramp's second and third minutes.
+fn top_up_residual_w(
+    plan: &PlanSummary,
+    realised: &runtime::Realised,
+    slot0_unix_ms: i64,
+    first_slot: usize,
+    now_unix_ms: i64,
+    config: &EngineConfig,
+) -> Vec<f64> {
+    (first_slot..plan.target_w.len())
+        .map(|t| {
+            let (target_w, expected_w) = (plan.target_w[t], plan.expected_w.get(t).copied().unwrap_or(0.0));
+            let deviation_w = realised.foreseen_deviation_w(t, slot0_unix_ms, now_unix_ms);
+            let promised_w = if expected_w >= target_w {
+                let unsaid_var_w2 = realised.unsaid_var_w2.get(t).copied().unwrap_or(0.0).max(0.0);
+                target_w + config.delivery_sigmas * unsaid_var_w2.sqrt()
+            } else {
+                expected_w
+            };
+            (promised_w - (expected_w + deviation_w)).max(0.0)
+        })
+        .collect()
 }
 
 /// How far into each slot an event is weighed: its devices' largest random start offset, and [`WEIGH_SETTLE_MS`].

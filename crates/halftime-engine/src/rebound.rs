@@ -79,16 +79,6 @@ fn unit_expected(
     (first, tail[first..last].to_vec())
 }
 
-/// The appliance's rated draw, W: what it reported, or what its expected reduction comes to at its class's
-/// duty cycle.
-fn rated_w(t: &DeviceTrack) -> f64 {
-    if t.power_w > 0 {
-        return f64::from(t.power_w);
-    }
-    let duty = f64::from(t.class.profile().duty_cycle_permille) / 1000.0;
-    t.planned_w / duty.max(1e-3)
-}
-
 impl ReboundGuard {
     /// Adds `sign` (1 or -1) times what `t` contributes to the projection after `window_end_unix_ms`: its reported
     /// payback less its reported shed once it has said, its class's average response until then (or if it cannot
@@ -114,7 +104,7 @@ impl ReboundGuard {
             self.tail_var_w2 = vec![0.0; TAIL_SLOTS];
         }
         let (tail, var) = (&mut self.tail_w, &mut self.tail_var_w2);
-        let rated_w = rated_w(t);
+        let rated_w = t.rated_w();
         match (t.started_unix_ms, t.payback) {
             (Some(started), Some(p)) => {
                 let (from, to) = t.deferred_interval().unwrap_or((started, started));
@@ -245,7 +235,7 @@ mod tests {
                 );
                 // Its scatter: its rated power times its gross flows, at least its rated power times the net.
                 let var: f64 = guard.tail_var_w2.iter().sum();
-                assert!(var >= n as f64 * rated_w(&t) * want * (1.0 - 1e-9), "{class:?}: variance {var} W²·min");
+                assert!(var >= n as f64 * t.rated_w() * want * (1.0 - 1e-9), "{class:?}: variance {var} W²·min");
             }
             guard.add(window_end, &t, -1.0);
             guard.add(window_end, &t, -1.0);

@@ -56,6 +56,16 @@ pub struct DeviceTrack {
 }
 
 impl DeviceTrack {
+    /// The appliance's rated draw, W: what it reported, or what its expected reduction comes to at its class's
+    /// duty cycle.
+    pub fn rated_w(&self) -> f64 {
+        if self.power_w > 0 {
+            return f64::from(self.power_w);
+        }
+        let duty = f64::from(self.class.profile().duty_cycle_permille) / 1000.0;
+        self.planned_w / duty.max(1e-3)
+    }
+
     /// The engine's guess at the payback of a deferral ended early at `at`, until the device says. A paused
     /// session that would have ended within the deferral runs, from `at` or from when it would have ended, for as
     /// long as it was paused; otherwise it is what the device said for the planned end, in proportion to the part
@@ -74,6 +84,11 @@ impl DeviceTrack {
         let share = ((at - start) as f64 / planned_ms as f64).clamp(0.0, 1.0);
         let to_unix_ms = p.from_unix_ms + ((p.to_unix_ms - p.from_unix_ms) as f64 * share) as i64;
         (to_unix_ms > p.from_unix_ms).then_some(Payback { to_unix_ms, ..p })
+    }
+
+    /// Whether it has yet to say what it sheds: not started, and not settled without starting.
+    pub fn unsaid(&self) -> bool {
+        self.started_unix_ms.is_none() && !self.status.is_final()
     }
 
     /// The interval over which this device was deferred, if it started.
@@ -171,6 +186,9 @@ pub struct Realised {
     pub override_hazard_w: Vec<f64>,
     /// Devices overridden after they started.
     pub n_overridden: u64,
+    /// Per slot, how far what the devices not yet heard from will shed may scatter, W²: each one's rated power
+    /// times its expected shed there, the planner's bound. What a top-up keeps in hand for them.
+    pub unsaid_var_w2: Vec<f64>,
 }
 
 /// What an override with chance `p` is expected to take, minute by minute: `p` times the response run to the end
@@ -254,6 +272,20 @@ impl Realised {
             if s.started {
                 self.hazard(slot0_unix_ms, from, s.planned_w, override_loss(p, &full.shed, &overridden.shed), 1.0);
             }
+        }
+    }
+
+    /// Adds `sign` times the scatter of `t`'s shed in the event's slots while it has not said what it sheds: from
+    /// the middle of its command's random start, as the rebound guard counts it, so taking it out when it says
+    /// leaves nothing behind.
+    fn unsaid(&mut self, slot0_unix_ms: i64, n_slots: usize, t: &DeviceTrack, shed: &[f64], sign: f64) {
+        self.unsaid_var_w2.resize(n_slots, 0.0);
+        let c = &t.command;
+        let from = c.not_before_unix_ms + i64::from(c.randomize_start_s) * 500;
+        let w2 = sign * t.rated_w() * t.planned_w;
+        for (k, x) in shed.iter().enumerate().take(n_slots + 1) {
+            let a = from + k as i64 * MS_PER_MIN;
+            add_interval(&mut self.unsaid_var_w2, slot0_unix_ms, a, a + MS_PER_MIN, w2 * x.abs());
         }
     }
 
@@ -413,9 +445,16 @@ impl RuntimeState {
             guard_released_at: None,
         };
         let window_end = self.record.spec.end_unix_ms();
+        let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
         self.rebound.add(window_end, &track, 1.0);
+        let shed = &self.rebound.responses.get(class, command.deferral_s / 60).0.shed;
+        self.realised.unsaid(slot0, n, &track, shed, 1.0);
         if let Some(old) = self.devices.insert(command.device, track) {
             self.rebound.add(window_end, &old, -1.0);
+            if old.unsaid() {
+                let shed = &self.rebound.responses.get(old.class, old.command.deferral_s / 60).0.shed;
+                self.realised.unsaid(slot0, n, &old, shed, -1.0);
+            }
         } else {
             self.counts.dispatched += 1;
             self.planned_by_class_w[class.index()] += reduction_w;
@@ -558,6 +597,7 @@ impl RuntimeState {
         let Some(track) = self.devices.get_mut(&device) else { return Applied::Unknown };
         let c = &mut self.counts;
         let at = at_unix_ms.clamp(track.command.not_before_unix_ms, track.command.not_after_unix_ms);
+        let unsaid = track.unsaid();
         let mut end_early = None;
         if status != DeviceStatus::Expired && !track.acked {
             track.acked = true;
@@ -637,6 +677,11 @@ impl RuntimeState {
         }
         if status != DeviceStatus::Received {
             track.status = status;
+        }
+        if unsaid && !track.unsaid() {
+            let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
+            let shed = &self.rebound.responses.get(track.class, track.command.deferral_s / 60).0.shed;
+            self.realised.unsaid(slot0, n, track, shed, -1.0);
         }
         self.dirty = true;
         match end_early {
@@ -793,6 +838,42 @@ mod tests {
         let foreseen: Vec<f64> = (0..10).map(|k| st.realised.foreseen_deviation_w(k, start, at)).collect();
         assert!(close(&foreseen, &want), "{foreseen:?} != {want:?}");
         assert_eq!(st.realised.n_overridden, 1);
+    }
+
+    /// Until a device says what it sheds, its slots keep its scatter (rated power times expected shed, as the
+    /// planner bounds it); once it starts, is refused or expires, they no longer do, and nothing is left behind.
+    #[test]
+    fn the_scatter_of_devices_not_yet_heard_from_is_kept_until_they_say() {
+        let (mut st, _, command) = event(10_000.0, 5);
+        let start = st.record.spec.start_unix_ms;
+        let charger = |st: &mut RuntimeState, device: u64, from: i64| {
+            st.add_device(HouseholdId(device), command(device, from), ApplianceClass::EvCharger, 1_200.0, 0.1, 7_000)
+        };
+        charger(&mut st, 1, start);
+        charger(&mut st, 2, start + 2 * MS_PER_MIN);
+        charger(&mut st, 3, start + 2 * MS_PER_MIN);
+        let shed = halftime_core::physics::expected_response(ApplianceClass::EvCharger, 5).shed;
+        let unit = 7_000.0 * 1_200.0;
+        let want = |n_first: f64, n_later: f64| -> Vec<f64> {
+            (0..10)
+                .map(|k| {
+                    let first = shed.get(k).map_or(0.0, |x| n_first * unit * x);
+                    let later = k.checked_sub(2).and_then(|j| shed.get(j)).map_or(0.0, |x| n_later * unit * x);
+                    first + later
+                })
+                .collect()
+        };
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-3 * unit);
+        assert!(close(&st.realised.unsaid_var_w2, &want(1.0, 2.0)), "{:?}", st.realised.unsaid_var_w2);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start + 10_000, 7_000, None);
+        assert!(close(&st.realised.unsaid_var_w2, &want(0.0, 2.0)), "{:?}", st.realised.unsaid_var_w2);
+        st.apply(ApplianceId(2), DeviceStatus::Rejected, start + 2 * MS_PER_MIN, 0, None);
+        // A report that changes nothing about what is known changes nothing here either.
+        st.apply(ApplianceId(1), DeviceStatus::Completed, start + 5 * MS_PER_MIN, 0, None);
+        assert!(close(&st.realised.unsaid_var_w2, &want(0.0, 1.0)), "{:?}", st.realised.unsaid_var_w2);
+        // Never heard from at all.
+        st.apply(ApplianceId(3), DeviceStatus::Expired, start + 7 * MS_PER_MIN, 0, None);
+        assert!(st.realised.unsaid_var_w2.iter().all(|v| v.abs() < 1e-6), "{:?}", st.realised.unsaid_var_w2);
     }
 
     /// What an event delivers, as its devices report it, is their shed less the payback they said they will

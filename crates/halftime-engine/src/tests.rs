@@ -668,6 +668,32 @@ fn an_event_is_weighed_a_minute_apart_a_settling_time_into_each_slot() {
     assert_eq!(weigh_due_unix_ms(start, start, 605_000), start + 5_000);
 }
 
+/// A top-up restores what the plan promised: where that is the target, with an allowance for the scatter of the
+/// devices not yet heard from (those that have said no longer scatter); where the plan fell short, only its
+/// expectation.
+#[test]
+fn a_top_up_keeps_an_allowance_for_the_devices_not_yet_heard_from() {
+    let config = test_config();
+    let z = config.delivery_sigmas;
+    let plan = PlanSummary {
+        target_w: vec![100e3, 100e3, 100e3, 100e3],
+        expected_w: vec![120e3, 120e3, 120e3, 90e3],
+        ..PlanSummary::default()
+    };
+    // The first devices fall 15 kW short from slot 0 on; slot 2 still has devices to hear from, scattering by
+    // 10 kW; slot 3's plan fell short of its target.
+    let realised = runtime::Realised {
+        deviation_w: vec![-15e3; 4],
+        unsaid_var_w2: vec![0.0, 0.0, 10e3 * 10e3, 0.0],
+        ..runtime::Realised::default()
+    };
+    let residual_w = top_up_residual_w(&plan, &realised, 0, 1, 0, &config);
+    // Slot 1: 105 kW foreseen, all heard from: nothing. Slot 2: the allowance is short by z × 10 kW − 5 kW.
+    // Slot 3: its 90 kW less the 15 kW lost.
+    let want = [0.0, z * 10e3 - 5e3, 15e3];
+    assert!(residual_w.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{residual_w:?} != {want:?}");
+}
+
 /// An event is weighed once its slot's devices have all started (their random offset, and a few seconds), so a
 /// shortfall its first devices report is topped up from the second slot. Weighed on the minute, the event saw
 /// them only a minute in, and its first top-up reached the third slot.
