@@ -278,7 +278,15 @@ impl Realised {
     /// Adds `sign` times the scatter of `t`'s shed in the event's slots while it has not said what it sheds: from
     /// the middle of its command's random start, as the rebound guard counts it, so taking it out when it says
     /// leaves nothing behind.
-    fn unsaid(&mut self, slot0_unix_ms: i64, n_slots: usize, t: &DeviceTrack, shed: &[f64], sign: f64) {
+    fn unsaid(
+        &mut self,
+        slot0_unix_ms: i64,
+        n_slots: usize,
+        t: &DeviceTrack,
+        responses: &mut ClassResponses,
+        sign: f64,
+    ) {
+        let shed = &responses.get(t.class, t.command.deferral_s / 60).0.shed;
         self.unsaid_var_w2.resize(n_slots, 0.0);
         let c = &t.command;
         let from = c.not_before_unix_ms + i64::from(c.randomize_start_s) * 500;
@@ -447,13 +455,11 @@ impl RuntimeState {
         let window_end = self.record.spec.end_unix_ms();
         let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
         self.rebound.add(window_end, &track, 1.0);
-        let shed = &self.rebound.responses.get(class, command.deferral_s / 60).0.shed;
-        self.realised.unsaid(slot0, n, &track, shed, 1.0);
+        self.realised.unsaid(slot0, n, &track, &mut self.rebound.responses, 1.0);
         if let Some(old) = self.devices.insert(command.device, track) {
             self.rebound.add(window_end, &old, -1.0);
             if old.unsaid() {
-                let shed = &self.rebound.responses.get(old.class, old.command.deferral_s / 60).0.shed;
-                self.realised.unsaid(slot0, n, &old, shed, -1.0);
+                self.realised.unsaid(slot0, n, &old, &mut self.rebound.responses, -1.0);
             }
         } else {
             self.counts.dispatched += 1;
@@ -680,8 +686,7 @@ impl RuntimeState {
         }
         if unsaid && !track.unsaid() {
             let (slot0, n) = (self.record.spec.start_unix_ms, self.record.spec.target_w.len());
-            let shed = &self.rebound.responses.get(track.class, track.command.deferral_s / 60).0.shed;
-            self.realised.unsaid(slot0, n, track, shed, -1.0);
+            self.realised.unsaid(slot0, n, track, &mut self.rebound.responses, -1.0);
         }
         self.dirty = true;
         match end_early {
