@@ -720,7 +720,8 @@ impl Engine {
     /// event's planned reduction: a top-up is small and its rebound headroom thin, so the LP reaches for classes
     /// plans otherwise leave alone (tumble dryers, water heaters), and over a season a few of their households
     /// carried all of it (Jain 0.11 among households with only a tumble dryer).
-    async fn top_up(&self, rt: Arc<EventRuntime>, first_slot: usize, residual_w: Vec<f64>, realised_ratio: f64) {
+    async fn top_up(&self, rt: Arc<EventRuntime>, top_up: TopUp) {
+        let TopUp { phase, first_slot, residual_w, realised_ratio } = top_up;
         let (event, n_before, classes) = {
             let st = rt.lock();
             let total_w: f64 = st.planned_by_class_w.iter().sum();
@@ -733,11 +734,12 @@ impl Engine {
         match top_up {
             Ok(plan) => {
                 let n = plan.n_appliances.saturating_sub(n_before);
-                metrics::counter!("halftime_top_ups_total").increment(1);
-                metrics::counter!("halftime_top_up_appliances_total").increment(n);
-                tracing::info!(event = event.0, appliances = n, first_slot, "event topped up");
+                let phase = phase.label();
+                metrics::counter!("halftime_top_ups_total", "phase" => phase).increment(1);
+                metrics::counter!("halftime_top_up_appliances_total", "phase" => phase).increment(n);
+                tracing::info!(event = event.0, appliances = n, first_slot, phase, "event topped up");
             }
-            Err(e) => tracing::warn!(event = event.0, error = %e, "top-up not dispatched"),
+            Err(e) => tracing::warn!(event = event.0, error = %e, phase = phase.label(), "top-up not dispatched"),
         }
     }
 
@@ -1285,6 +1287,33 @@ fn tick(inner: &Arc<Inner>) {
     metrics::gauge!("halftime_delivered_mw").set(delivered_w / 1e6);
 }
 
+/// A top-up to plan: in the window, what the devices' reports foretell it will fall short by; after it, how far
+/// the rebound they foretell goes over the cap.
+struct TopUp {
+    phase: TopUpPhase,
+    /// The event's slot it plans from (past the window's end for a tail top-up).
+    first_slot: usize,
+    /// Net reduction wanted per slot from `first_slot` on, W.
+    residual_w: Vec<f64>,
+    /// What the earlier dispatches' devices reported shedding, as a share of the plan: their rebound scales with it.
+    realised_ratio: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopUpPhase {
+    Window,
+    Tail,
+}
+
+impl TopUpPhase {
+    fn label(self) -> &'static str {
+        match self {
+            TopUpPhase::Window => "window",
+            TopUpPhase::Tail => "tail",
+        }
+    }
+}
+
 /// How long after a slot's devices were due to start (their random offset included) an event is weighed: their
 /// reports are in by then, so a top-up can still reach the next slot.
 const WEIGH_SETTLE_MS: i64 = 5_000;
@@ -1298,6 +1327,13 @@ const TOP_UPS_MAX: u32 = 6;
 const TOP_UP_SHORTFALL_SHARE_MIN: f64 = 0.02;
 /// A top-up draws only on classes that carry at least this share of the event's planned reduction.
 const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
+/// Top-ups per event after its window, at most.
+const TAIL_TOP_UPS_MAX: u32 = 3;
+/// A tail top-up is planned only where the rebound to come goes over the guard's line by at least this share of
+/// it in some minute.
+const TAIL_TOP_UP_LINE_SHARE_MIN: f64 = 0.05;
+/// Minutes after the window a tail top-up plans for, at most: beyond them, the next weighing sees more.
+const TAIL_TOP_UP_SLOTS_MAX: usize = 60;
 
 /// Once a minute per event under way: holds its projected rebound under the cap (from the window's start until
 /// its last deferral has ended), and, during the window, weighs what its started devices reported against what
@@ -1328,53 +1364,80 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
                     });
                 }
             }
-            let realised = &st.realised;
-            if st.record.state != EventState::Active || realised.expected_w <= 0.0 {
-                continue;
+            if st.record.state == EventState::Completed {
+                if !inner.config.top_up || st.top_up_in_flight || st.n_tail_top_ups >= TAIL_TOP_UPS_MAX {
+                    continue;
+                }
+                let Some(line_w) = st.rebound.cap_w else { continue };
+                let window_end = st.record.spec.end_unix_ms();
+                let first = (now - window_end).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+                let excess_w = tail_top_up_w(&st.rebound.tail_w, first, line_w);
+                if !excess_w.iter().any(|&w| w >= TAIL_TOP_UP_LINE_SHARE_MIN * line_w) {
+                    continue;
+                }
+                tracing::info!(
+                    event = st.record.id.0,
+                    first_minute_after_window = first,
+                    excess_kw = excess_w.iter().copied().fold(0.0, f64::max) / 1e3,
+                    "rebound to come over its cap"
+                );
+                st.top_up_in_flight = true;
+                st.n_tail_top_ups += 1;
+                Some(TopUp {
+                    phase: TopUpPhase::Tail,
+                    first_slot: st.record.spec.target_w.len() + first,
+                    residual_w: excess_w,
+                    realised_ratio: 1.0,
+                })
+            } else {
+                let realised = &st.realised;
+                if st.record.state != EventState::Active || realised.expected_w <= 0.0 {
+                    continue;
+                }
+                let ratio = realised.reported_w / realised.expected_w;
+                // 0 is kept for "nothing weighed yet".
+                st.record.plan.realised_ratio = ratio.max(f64::MIN_POSITIVE);
+                st.dirty = true;
+                if !inner.config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
+                    continue;
+                }
+                let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+                let residual_w = top_up_residual_w(
+                    &st.record.plan,
+                    realised,
+                    st.record.spec.start_unix_ms,
+                    first_slot,
+                    now,
+                    &inner.config,
+                );
+                let plan = &st.record.plan;
+                let peak_w = plan.target_w.iter().copied().fold(0.0, f64::max);
+                if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
+                    continue;
+                }
+                tracing::info!(
+                    event = st.record.id.0,
+                    reported = realised.n_known,
+                    rejected = realised.n_rejected,
+                    overridden = realised.n_overridden,
+                    expected_kw = realised.expected_w / 1e3,
+                    reported_kw = realised.reported_w / 1e3,
+                    shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,
+                    "devices report less than planned"
+                );
+                st.top_up_in_flight = true;
+                st.n_top_ups += 1;
+                // The rebound the earlier dispatches will cause shrinks with what they shed.
+                Some(TopUp { phase: TopUpPhase::Window, first_slot, residual_w, realised_ratio: ratio.min(1.0) })
             }
-            let ratio = realised.reported_w / realised.expected_w;
-            // 0 is kept for "nothing weighed yet".
-            st.record.plan.realised_ratio = ratio.max(f64::MIN_POSITIVE);
-            st.dirty = true;
-            if !inner.config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
-                continue;
-            }
-            let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
-            let residual_w = top_up_residual_w(
-                &st.record.plan,
-                realised,
-                st.record.spec.start_unix_ms,
-                first_slot,
-                now,
-                &inner.config,
-            );
-            let plan = &st.record.plan;
-            let peak_w = plan.target_w.iter().copied().fold(0.0, f64::max);
-            if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
-                continue;
-            }
-            tracing::info!(
-                event = st.record.id.0,
-                reported = realised.n_known,
-                rejected = realised.n_rejected,
-                overridden = realised.n_overridden,
-                expected_kw = realised.expected_w / 1e3,
-                reported_kw = realised.reported_w / 1e3,
-                shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,
-                "devices report less than planned"
-            );
-            st.top_up_in_flight = true;
-            st.n_top_ups += 1;
-            // The rebound the earlier dispatches will cause shrinks with what they shed.
-            Some((first_slot, residual_w, ratio.min(1.0)))
         };
         rt.publish();
-        if let Some((first_slot, residual_w, ratio)) = top_up {
+        if let Some(top_up) = top_up {
             let engine = Engine { inner: Arc::clone(inner) };
             let rt = Arc::clone(rt);
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
-                    handle.spawn(async move { engine.top_up(rt, first_slot, residual_w, ratio).await });
+                    handle.spawn(async move { engine.top_up(rt, top_up).await });
                 }
                 Err(_) => rt.lock().top_up_in_flight = false,
             }
@@ -1410,6 +1473,20 @@ fn top_up_residual_w(
             (promised_w - (expected_w + deviation_w)).max(0.0)
         })
         .collect()
+}
+
+/// What a tail top-up is asked for in each minute after the window from `first` on: how far the rebound the
+/// guard projects there (`tail_w`) goes over its line `line_w`; empty where it does not. Plans keep their
+/// expected rebound under the line; what takes it over after the window is mostly EV chargers the plan defers
+/// there to absorb payback, which shed less than expected when fewer of them are charging than their class's
+/// average (on a season evening, 20 kW of an expected 49). They say so as they start, and new deferrals planned
+/// then take over the rest of their stretch. The guard's other remedy, releasing a deferral whose payback lands
+/// over the line, only moves that payback sooner, and after the window it rarely fits.
+fn tail_top_up_w(tail_w: &[f64], first: usize, line_w: f64) -> Vec<f64> {
+    let excess_w: Vec<f64> =
+        tail_w.iter().skip(first).take(TAIL_TOP_UP_SLOTS_MAX).map(|w| (w - line_w).max(0.0)).collect();
+    let n = excess_w.iter().rposition(|&w| w > 0.0).map_or(0, |i| i + 1);
+    excess_w[..n].to_vec()
 }
 
 /// How far into each slot an event is weighed: its devices' largest random start offset, and [`WEIGH_SETTLE_MS`].

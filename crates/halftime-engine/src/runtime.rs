@@ -368,8 +368,9 @@ pub struct RuntimeState {
     pub planned_by_class_w: [f64; N_CLASSES],
     /// When the devices' reports were last weighed against the plan, engine time.
     pub weighed_unix_ms: i64,
-    /// Top-ups dispatched so far, and whether one is being planned.
+    /// Top-ups dispatched so far (in the window, and after it for the rebound), and whether one is being planned.
     pub n_top_ups: u32,
+    pub n_tail_top_ups: u32,
     pub top_up_in_flight: bool,
     pub rebound: ReboundGuard,
     /// Devices the rebound guard asks to release, for the engine to sign and send.
@@ -396,6 +397,7 @@ impl EventRuntime {
             planned_by_class_w: [0.0; N_CLASSES],
             weighed_unix_ms: i64::MIN,
             n_top_ups: 0,
+            n_tail_top_ups: 0,
             top_up_in_flight: false,
             rebound: ReboundGuard::default(),
             guard_releases: Vec::new(),

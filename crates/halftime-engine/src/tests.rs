@@ -781,6 +781,86 @@ fn overrides_beyond_what_the_plan_expected_are_topped_up() {
     });
 }
 
+/// After the window, where the rebound the devices foretell goes over the cap (the guard's line under it) in
+/// minutes to come and the guard cannot release it (the devices have ended), the engine plans new deferrals into those minutes, from the next
+/// one on, and the projection there comes down. Where it stays under the cap, nothing is planned.
+#[test]
+fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
+    // What the first devices will pay back together, as a share of the cap.
+    for (payback_cap_share, expect_top_up) in [(2.0, true), (0.2, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+        runtime().block_on(async {
+            let engine = open(dir.path(), Arc::clone(&clock)).await;
+            let (id, before, entries) = fridge_event(&engine, "tail").await;
+            let (start, window_end) = (FRIDGE_EVENT_START, FRIDGE_EVENT_START + FRIDGE_EVENT_SLOTS as i64 * MS_PER_MIN);
+            let starts = reports_of(&first_starts(&engine, id, &entries, 1.0, start + 1_000));
+            engine.report(&starts).await.unwrap();
+            let config = test_config();
+            let cap_w = config.rebound_guard_share * config.rebound_fraction_max * FRIDGE_EVENT_KW * 1e3;
+            // They end, each saying it will draw its share from 20 to 30 minutes after the window.
+            let (over_from, over_to) = (window_end + 20 * MS_PER_MIN, window_end + 30 * MS_PER_MIN);
+            let payback_w = (payback_cap_share * cap_w / starts.len() as f64).round() as u32;
+            let ended: Vec<DeviceReport> = starts
+                .iter()
+                .map(|r| {
+                    let e = entries.iter().find(|e| e.reservation.appliance == r.device).unwrap();
+                    DeviceReport {
+                        status: DeviceStatus::Completed,
+                        at_unix_ms: e.reservation.not_after_unix_ms,
+                        payback: Some(Payback { power_w: payback_w, from_unix_ms: over_from, to_unix_ms: over_to }),
+                        ..*r
+                    }
+                })
+                .collect();
+            engine.report(&ended).await.unwrap();
+            let rt = engine.inner.events.get(&id).map(|e| Arc::clone(e.value())).unwrap();
+            let peak_over_w = || {
+                let st = rt.lock();
+                st.rebound.tail_w[20..30].iter().copied().fold(f64::MIN, f64::max)
+            };
+            let peak_before_w = peak_over_w();
+            assert_eq!(peak_before_w > cap_w, expect_top_up, "projected {peak_before_w} W against a cap of {cap_w} W");
+            // The window has ended; the event is weighed within a tick or two.
+            clock.0.store(window_end + 40_000, Ordering::SeqCst);
+            let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
+            let weighed_after_window = || rt.lock().weighed_unix_ms >= window_end;
+            for _ in 0..500 {
+                if plan_now().n_appliances > before.n_appliances || (!expect_top_up && weighed_after_window()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !expect_top_up {
+                assert!(weighed_after_window(), "not weighed after the window");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert_eq!(plan_now().n_appliances, before.n_appliances, "topped up under the cap");
+                return;
+            }
+            assert!(plan_now().n_appliances > before.n_appliances, "not topped up");
+            let first_plan: HashSet<ApplianceId> = entries.iter().map(|e| e.reservation.appliance).collect();
+            let added: Vec<halftime_core::Reservation> = engine
+                .ledger()
+                .all_entries()
+                .into_iter()
+                .filter(|e| e.reservation.event == id && !first_plan.contains(&e.reservation.appliance))
+                .map(|e| e.reservation)
+                .collect();
+            for r in &added {
+                assert!(r.not_before_unix_ms >= window_end + MS_PER_MIN, "starts before the next minute: {r:?}");
+            }
+            // What the new deferrals are expected to shed there (some start after those minutes, to absorb the
+            // others' payback) brings the projection down by at least half of what was over.
+            let peak_after_w = peak_over_w();
+            assert!(
+                peak_after_w <= peak_before_w - 0.5 * (peak_before_w - cap_w),
+                "{} deferrals added; projected {peak_before_w} W, then {peak_after_w} W (cap {cap_w} W)",
+                added.len()
+            );
+        });
+    }
+}
+
 /// A plan keeps its rebound under the guard's share of the cap, not the whole cap: a plan over the guard's line
 /// had the guard release deferrals the moment they started, costing the event's first minutes. With no
 /// allowance for scatter a plan goes up to whatever line it is given, so with the guard on its peak rebound is
