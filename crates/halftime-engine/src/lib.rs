@@ -1336,9 +1336,8 @@ const TAIL_TOP_UP_LINE_SHARE_MIN: f64 = 0.05;
 const TAIL_TOP_UP_SLOTS_MAX: usize = 60;
 
 /// Once a minute per event under way: holds its projected rebound under the cap (from the window's start until
-/// its last deferral has ended), and, during the window, weighs what its started devices reported against what
-/// the plan expected of them; where that foretells a shortfall in a minute still to come, tops the event up on a
-/// task of its own (at most [`TOP_UPS_MAX`] times, one at a time).
+/// its last deferral has ended), and tops the event up on a task of its own where what its devices reported
+/// foretells a shortfall in the window, or, after it, a rebound over the guard's line.
 fn weigh_events(inner: &Arc<Inner>, now: i64) {
     let settle_ms = weigh_settle_ms(&inner.config);
     for e in inner.events.iter() {
@@ -1346,8 +1345,8 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
         let top_up = {
             let mut guard = rt.lock();
             let st = &mut *guard;
-            // The guard follows the rebound after the window too, while deferrals are still under way; the
-            // top-up only the window itself.
+            // The guard and the tail top-up follow the rebound after the window, while deferrals are still
+            // under way.
             let guarding = matches!(st.record.state, EventState::Active | EventState::Completed) && !st.closed;
             if !guarding || now < weigh_due_unix_ms(st.weighed_unix_ms, st.record.spec.start_unix_ms, settle_ms) {
                 continue;
@@ -1364,72 +1363,13 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
                     });
                 }
             }
-            if st.record.state == EventState::Completed {
-                if !inner.config.top_up || st.top_up_in_flight || st.n_tail_top_ups >= TAIL_TOP_UPS_MAX {
-                    continue;
-                }
-                let Some(line_w) = st.rebound.cap_w else { continue };
-                let window_end = st.record.spec.end_unix_ms();
-                let first = (now - window_end).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
-                let excess_w = tail_top_up_w(&st.rebound.tail_w, first, line_w);
-                if !excess_w.iter().any(|&w| w >= TAIL_TOP_UP_LINE_SHARE_MIN * line_w) {
-                    continue;
-                }
-                tracing::info!(
-                    event = st.record.id.0,
-                    first_minute_after_window = first,
-                    excess_kw = excess_w.iter().copied().fold(0.0, f64::max) / 1e3,
-                    "rebound to come over its cap"
-                );
-                st.top_up_in_flight = true;
-                st.n_tail_top_ups += 1;
-                Some(TopUp {
-                    phase: TopUpPhase::Tail,
-                    first_slot: st.record.spec.target_w.len() + first,
-                    residual_w: excess_w,
-                    realised_ratio: 1.0,
-                })
-            } else {
-                let realised = &st.realised;
-                if st.record.state != EventState::Active || realised.expected_w <= 0.0 {
-                    continue;
-                }
-                let ratio = realised.reported_w / realised.expected_w;
-                // 0 is kept for "nothing weighed yet".
-                st.record.plan.realised_ratio = ratio.max(f64::MIN_POSITIVE);
-                st.dirty = true;
-                if !inner.config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
-                    continue;
-                }
-                let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
-                let residual_w = top_up_residual_w(
-                    &st.record.plan,
-                    realised,
-                    st.record.spec.start_unix_ms,
-                    first_slot,
-                    now,
-                    &inner.config,
-                );
-                let plan = &st.record.plan;
-                let peak_w = plan.target_w.iter().copied().fold(0.0, f64::max);
-                if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
-                    continue;
-                }
-                tracing::info!(
-                    event = st.record.id.0,
-                    reported = realised.n_known,
-                    rejected = realised.n_rejected,
-                    overridden = realised.n_overridden,
-                    expected_kw = realised.expected_w / 1e3,
-                    reported_kw = realised.reported_w / 1e3,
-                    shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,
-                    "devices report less than planned"
-                );
-                st.top_up_in_flight = true;
-                st.n_top_ups += 1;
-                // The rebound the earlier dispatches will cause shrinks with what they shed.
-                Some(TopUp { phase: TopUpPhase::Window, first_slot, residual_w, realised_ratio: ratio.min(1.0) })
-            }
+            let top_up = match st.record.state {
+                EventState::Active => window_top_up(st, now, &inner.config),
+                EventState::Completed => tail_top_up(st, now, &inner.config),
+                _ => None,
+            };
+            st.top_up_in_flight |= top_up.is_some();
+            top_up
         };
         rt.publish();
         if let Some(top_up) = top_up {
@@ -1443,6 +1383,66 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             }
         }
     }
+}
+
+/// The top-up an event in its window needs, if any: where what its started devices reported foretells a shortfall
+/// in a minute still to come (at most [`TOP_UPS_MAX`] per event, one at a time). Records the realised ratio either
+/// way.
+fn window_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig) -> Option<TopUp> {
+    let realised = &st.realised;
+    if realised.expected_w <= 0.0 {
+        return None;
+    }
+    let ratio = realised.reported_w / realised.expected_w;
+    // 0 is kept for "nothing weighed yet".
+    st.record.plan.realised_ratio = ratio.max(f64::MIN_POSITIVE);
+    st.dirty = true;
+    if !config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
+        return None;
+    }
+    let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+    let residual_w =
+        top_up_residual_w(&st.record.plan, realised, st.record.spec.start_unix_ms, first_slot, now, config);
+    let peak_w = st.record.plan.target_w.iter().copied().fold(0.0, f64::max);
+    if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
+        return None;
+    }
+    tracing::info!(
+        event = st.record.id.0,
+        reported = realised.n_known,
+        rejected = realised.n_rejected,
+        overridden = realised.n_overridden,
+        expected_kw = realised.expected_w / 1e3,
+        reported_kw = realised.reported_w / 1e3,
+        shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,
+        "devices report less than planned"
+    );
+    st.n_top_ups += 1;
+    // The rebound the earlier dispatches will cause shrinks with what they shed.
+    Some(TopUp { phase: TopUpPhase::Window, first_slot, residual_w, realised_ratio: ratio.min(1.0) })
+}
+
+/// The top-up an event after its window needs, if any: where the rebound its devices foretell goes over the
+/// guard's line in a minute to come (at most [`TAIL_TOP_UPS_MAX`] per event, one at a time).
+fn tail_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig) -> Option<TopUp> {
+    if !config.top_up || st.top_up_in_flight || st.n_tail_top_ups >= TAIL_TOP_UPS_MAX {
+        return None;
+    }
+    let line_w = st.rebound.cap_w?;
+    let first = (now - st.record.spec.end_unix_ms()).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+    let excess_w = tail_top_up_w(&st.rebound.tail_w, first, line_w);
+    if !excess_w.iter().any(|&w| w >= TAIL_TOP_UP_LINE_SHARE_MIN * line_w) {
+        return None;
+    }
+    tracing::info!(
+        event = st.record.id.0,
+        first_minute_after_window = first,
+        excess_kw = excess_w.iter().copied().fold(0.0, f64::max) / 1e3,
+        "rebound to come over its cap"
+    );
+    st.n_tail_top_ups += 1;
+    let first_slot = st.record.spec.target_w.len() + first;
+    Some(TopUp { phase: TopUpPhase::Tail, first_slot, residual_w: excess_w, realised_ratio: 1.0 })
 }
 
 /// What a top-up is asked for in each slot from `first_slot` on, weighed at `now_unix_ms`: what the plan promises
