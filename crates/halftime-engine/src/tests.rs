@@ -781,6 +781,18 @@ fn overrides_beyond_what_the_plan_expected_are_topped_up() {
     });
 }
 
+/// A tail top-up asks, minute by minute from the next one, for what the projection has over the guard's line,
+/// and for nothing past the last such minute.
+#[test]
+fn a_tail_top_up_asks_for_the_excess_over_the_line_from_the_next_minute() {
+    let tail_w = [90.0, 120.0, 80.0, 130.0, 100.0, 60.0, 0.0];
+    assert_eq!(tail_top_up_w(&tail_w, 1, 100.0), vec![20.0, 0.0, 30.0]);
+    assert_eq!(tail_top_up_w(&tail_w, 4, 100.0), Vec::<f64>::new(), "at the line is not over it");
+    assert_eq!(tail_top_up_w(&tail_w, 9, 100.0), Vec::<f64>::new(), "past the projection's end");
+    let long = vec![200.0; 2 * TAIL_TOP_UP_SLOTS_MAX];
+    assert_eq!(tail_top_up_w(&long, 0, 100.0).len(), TAIL_TOP_UP_SLOTS_MAX);
+}
+
 /// After the window, where the rebound the devices foretell goes over the cap (the guard's line under it) in
 /// minutes to come and the guard cannot release it (the devices have ended), the engine plans new deferrals into those minutes, from the next
 /// one on, and the projection there comes down. Where it stays under the cap, nothing is planned.
