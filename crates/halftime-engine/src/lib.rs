@@ -1288,7 +1288,7 @@ fn tick(inner: &Arc<Inner>) {
 }
 
 /// A top-up to plan: in the window, what the devices' reports foretell it will fall short by; after it, how far
-/// the rebound they foretell goes over the cap.
+/// the rebound they foretell goes over the guard's line.
 struct TopUp {
     phase: TopUpPhase,
     /// The event's slot it plans from (past the window's end for a tail top-up).
@@ -1400,7 +1400,7 @@ fn window_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig
     if !config.top_up || st.top_up_in_flight || st.n_top_ups >= TOP_UPS_MAX {
         return None;
     }
-    let first_slot = (now - st.record.spec.start_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+    let first_slot = next_slot(st.record.spec.start_unix_ms, now);
     let residual_w =
         top_up_residual_w(&st.record.plan, realised, st.record.spec.start_unix_ms, first_slot, now, config);
     let peak_w = st.record.plan.target_w.iter().copied().fold(0.0, f64::max);
@@ -1429,7 +1429,7 @@ fn tail_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig) 
         return None;
     }
     let line_w = st.rebound.cap_w?;
-    let first = (now - st.record.spec.end_unix_ms()).div_euclid(MS_PER_MIN).max(-1) as usize + 1;
+    let first = next_slot(st.record.spec.end_unix_ms(), now);
     let excess_w = tail_top_up_w(&st.rebound.tail_w, first, line_w);
     if !excess_w.iter().any(|&w| w >= TAIL_TOP_UP_LINE_SHARE_MIN * line_w) {
         return None;
@@ -1438,11 +1438,17 @@ fn tail_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig) 
         event = st.record.id.0,
         first_minute_after_window = first,
         excess_kw = excess_w.iter().copied().fold(0.0, f64::max) / 1e3,
-        "rebound to come over its cap"
+        "rebound to come over the guard's line"
     );
     st.n_tail_top_ups += 1;
     let first_slot = st.record.spec.target_w.len() + first;
     Some(TopUp { phase: TopUpPhase::Tail, first_slot, residual_w: excess_w, realised_ratio: 1.0 })
+}
+
+/// The first whole minute from `slot0_unix_ms` that a top-up weighed at `now_unix_ms` can still reach: the next
+/// one (slot 0 before it has begun).
+fn next_slot(slot0_unix_ms: i64, now_unix_ms: i64) -> usize {
+    (now_unix_ms - slot0_unix_ms).div_euclid(MS_PER_MIN).max(-1) as usize + 1
 }
 
 /// What a top-up is asked for in each slot from `first_slot` on, weighed at `now_unix_ms`: what the plan promises

@@ -793,13 +793,14 @@ fn a_tail_top_up_asks_for_the_excess_over_the_line_from_the_next_minute() {
     assert_eq!(tail_top_up_w(&long, 0, 100.0).len(), TAIL_TOP_UP_SLOTS_MAX);
 }
 
-/// After the window, where the rebound the devices foretell goes over the cap (the guard's line under it) in
-/// minutes to come and the guard cannot release it (the devices have ended), the engine plans new deferrals into those minutes, from the next
-/// one on, and the projection there comes down. Where it stays under the cap, nothing is planned.
+/// After the window, where the rebound the devices foretell goes over the guard's line (under the cap) in minutes
+/// to come and the guard cannot release it (the devices have ended), the engine plans new deferrals into those
+/// minutes, from the next one on, and the projection there comes down. Where it stays under the line, nothing is
+/// planned.
 #[test]
 fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
-    // What the first devices will pay back together, as a share of the cap.
-    for (payback_cap_share, expect_top_up) in [(2.0, true), (0.2, false)] {
+    // What the first devices will pay back together, as a share of the guard's line.
+    for (payback_line_share, expect_top_up) in [(2.0, true), (0.2, false)] {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(TestClock(AtomicI64::new(T0)));
         runtime().block_on(async {
@@ -809,10 +810,10 @@ fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
             let starts = reports_of(&first_starts(&engine, id, &entries, 1.0, start + 1_000));
             engine.report(&starts).await.unwrap();
             let config = test_config();
-            let cap_w = config.rebound_guard_share * config.rebound_fraction_max * FRIDGE_EVENT_KW * 1e3;
+            let line_w = config.rebound_guard_share * config.rebound_fraction_max * FRIDGE_EVENT_KW * 1e3;
             // They end, each saying it will draw its share from 20 to 30 minutes after the window.
             let (over_from, over_to) = (window_end + 20 * MS_PER_MIN, window_end + 30 * MS_PER_MIN);
-            let payback_w = (payback_cap_share * cap_w / starts.len() as f64).round() as u32;
+            let payback_w = (payback_line_share * line_w / starts.len() as f64).round() as u32;
             let ended: Vec<DeviceReport> = starts
                 .iter()
                 .map(|r| {
@@ -832,7 +833,11 @@ fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
                 st.rebound.tail_w[20..30].iter().copied().fold(f64::MIN, f64::max)
             };
             let peak_before_w = peak_over_w();
-            assert_eq!(peak_before_w > cap_w, expect_top_up, "projected {peak_before_w} W against a cap of {cap_w} W");
+            assert_eq!(
+                peak_before_w > line_w,
+                expect_top_up,
+                "projected {peak_before_w} W against a line of {line_w} W"
+            );
             // The window has ended; the event is weighed within a tick or two.
             clock.0.store(window_end + 40_000, Ordering::SeqCst);
             let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
@@ -846,7 +851,7 @@ fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
             if !expect_top_up {
                 assert!(weighed_after_window(), "not weighed after the window");
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                assert_eq!(plan_now().n_appliances, before.n_appliances, "topped up under the cap");
+                assert_eq!(plan_now().n_appliances, before.n_appliances, "topped up under the line");
                 return;
             }
             assert!(plan_now().n_appliances > before.n_appliances, "not topped up");
@@ -865,8 +870,8 @@ fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
             // others' payback) brings the projection down by at least half of what was over.
             let peak_after_w = peak_over_w();
             assert!(
-                peak_after_w <= peak_before_w - 0.5 * (peak_before_w - cap_w),
-                "{} deferrals added; projected {peak_before_w} W, then {peak_after_w} W (cap {cap_w} W)",
+                peak_after_w <= peak_before_w - 0.5 * (peak_before_w - line_w),
+                "{} deferrals added; projected {peak_before_w} W, then {peak_after_w} W (line {line_w} W)",
                 added.len()
             );
         });
