@@ -91,6 +91,9 @@ enum ScenarioCommand {
         /// engine's clock speed (its `[clock] speed`, 1 by default).
         #[arg(long)]
         speed: Option<f64>,
+        /// Use this seed instead of the scenario's: another draw of the same population and its behaviour.
+        #[arg(long)]
+        seed: Option<u64>,
         /// Write report.md, report.json and the plots (SVG) here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -144,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
             running.stop().await;
         }
         Command::Scenario {
-            command: ScenarioCommand::Run { scenario, server, trust_key, token, data_dir, speed, out, verbose },
+            command: ScenarioCommand::Run { scenario, server, trust_key, token, data_dir, speed, seed, out, verbose },
         } => {
             init_tracing("warn");
             let opts = halftime::scenario::RunOptions {
@@ -153,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
                 token,
                 data_dir,
                 speed,
+                seed,
                 out_dir: out,
                 progress: !verbose,
                 print_minutes: verbose,

@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub data_dir: Option<PathBuf>,
     /// Override the scenario's speed.
     pub speed: Option<f64>,
+    /// Override the scenario's seed: another draw of the same population and its behaviour.
+    pub seed: Option<u64>,
     /// Write `report.md`, `report.json` and the plots here.
     pub out_dir: Option<PathBuf>,
     /// Show a progress bar on standard error (when it is a terminal).
@@ -214,7 +216,10 @@ pub fn windows(events: &[PlannedEvent], lead_min: u32, tail_min: u32) -> Vec<(i6
 /// Runs a scenario, printing per-minute rows to `out`, and returns its report.
 pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) -> anyhow::Result<Report> {
     let wall = Instant::now();
-    let scenario = Scenario::load(path)?;
+    let mut scenario = Scenario::load(path)?;
+    if let Some(seed) = opts.seed {
+        scenario.seed = seed;
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     let events = plan_events(&scenario, dir)?;
     anyhow::ensure!(events.len() <= 2_000, "{}: more than 2000 events after repeats", path.display());
