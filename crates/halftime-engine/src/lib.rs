@@ -1348,6 +1348,7 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             // The guard and the tail top-up follow the rebound after the window, while deferrals are still
             // under way.
             let guarding = matches!(st.record.state, EventState::Active | EventState::Completed) && !st.closed;
+            let settle_ms = if st.first_slot_led { WEIGH_SETTLE_MS } else { settle_ms };
             if !guarding || now < weigh_due_unix_ms(st.weighed_unix_ms, st.record.spec.start_unix_ms, settle_ms) {
                 continue;
             }
@@ -1496,6 +1497,9 @@ fn tail_top_up_w(tail_w: &[f64], first: usize, line_w: f64) -> Vec<f64> {
 }
 
 /// How far into each slot an event is weighed: its devices' largest random start offset, and [`WEIGH_SETTLE_MS`].
+/// An event whose first slot's devices went out ahead of it (`RuntimeState::first_slot_led`) is weighed
+/// [`WEIGH_SETTLE_MS`] in: they have all said by then, and its top-ups go out in time to lead their own first
+/// slot.
 fn weigh_settle_ms(config: &EngineConfig) -> i64 {
     i64::from(config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS
 }

@@ -375,6 +375,10 @@ pub struct RuntimeState {
     pub rebound: ReboundGuard,
     /// Devices the rebound guard asks to release, for the engine to sign and send.
     pub guard_releases: Vec<ApplianceId>,
+    /// The event's first slot's devices were sent ahead of it (see `dispatch::not_before_unix_ms`), so they have
+    /// all said what they shed when it opens: the event is weighed a settling time into each slot, not a random
+    /// start offset and a settling time.
+    pub first_slot_led: bool,
 }
 
 #[derive(Debug)]
@@ -401,6 +405,7 @@ impl EventRuntime {
             top_up_in_flight: false,
             rebound: ReboundGuard::default(),
             guard_releases: Vec::new(),
+            first_slot_led: false,
         };
         let progress = state.progress();
         Self { state: Mutex::new(state), watch: watch::channel(progress).0 }
@@ -436,6 +441,10 @@ impl RuntimeState {
     ) {
         let expected_w = self.rebound.responses.report_w(class, reduction_w, command.deferral_s);
         self.last_not_after_unix_ms = self.last_not_after_unix_ms.max(command.not_after_unix_ms);
+        let start_unix_ms = self.record.spec.start_unix_ms;
+        if command.not_before_unix_ms + i64::from(command.randomize_start_s) * 1000 <= start_unix_ms {
+            self.first_slot_led = true;
+        }
         self.households.insert(household);
         let track = DeviceTrack {
             household,
@@ -901,6 +910,24 @@ mod tests {
 
     /// An active event of ten one-minute slots from minute 60 asking `target_w`, its window's end, and its
     /// deferral commands of `deferral_min` by device and start.
+    /// An event is marked as having led its first slot once a device is sent to start by the slot's opening
+    /// whatever its random offset, and not by one that may start after it.
+    #[test]
+    fn an_event_whose_first_devices_start_by_its_opening_is_marked_led() {
+        let (mut st, _, command) = event(1_000.0, 5);
+        let start = st.record.spec.start_unix_ms;
+        let with_offset = |device, not_before| DeferralCommand {
+            randomize_start_s: 30,
+            not_after_unix_ms: not_before + 30_000 + 5 * MS_PER_MIN,
+            ..command(device, not_before)
+        };
+        st.add_device(HouseholdId(1), with_offset(1, start), ApplianceClass::Fridge, 50.0, 0.0, 100);
+        st.add_device(HouseholdId(2), with_offset(2, start - 29_999), ApplianceClass::Fridge, 50.0, 0.0, 100);
+        assert!(!st.first_slot_led);
+        st.add_device(HouseholdId(3), with_offset(3, start - 30_000), ApplianceClass::Fridge, 50.0, 0.0, 100);
+        assert!(st.first_slot_led);
+    }
+
     fn event(target_w: f64, deferral_min: u32) -> (RuntimeState, i64, impl Fn(u64, i64) -> DeferralCommand) {
         let start = 60 * MS_PER_MIN;
         let spec = StressEventSpec {

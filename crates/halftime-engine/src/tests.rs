@@ -533,6 +533,9 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             let (start, target_kw) = (FRIDGE_EVENT_START, vec![FRIDGE_EVENT_KW; FRIDGE_EVENT_SLOTS]);
             let (id, before, entries) = fridge_event(&engine, "wave").await;
             let first = entries.iter().map(|e| e.reservation.not_before_unix_ms).min().unwrap();
+            // Announced a minute ahead: the first slot's devices go out their random start offset ahead of it.
+            let randomize_ms = i64::from(EngineConfig::default().randomize_start_s) * 1000;
+            assert_eq!(first, start - randomize_ms);
             // The first devices to start report `realised` of what the plan expected of them (a fridge sheds
             // its expected reduction on average over any window); what they lose, per slot.
             let mut lost_w = vec![0.0; target_kw.len()];
@@ -551,8 +554,9 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
                 }
             }
             engine.report(&reports_of(&starts)).await.unwrap();
-            // The event starts; its reports are weighed at once.
-            clock.0.store(start + 40_000, Ordering::SeqCst);
+            // The event starts. Its first slot's devices have all said what they shed, so it is weighed five
+            // seconds in (not thirty-five).
+            clock.0.store(start + 6_000, Ordering::SeqCst);
             let plan_now = || engine.list_events(10).into_iter().find(|r| r.id == id).unwrap().plan;
             let mut after = plan_now();
             for _ in 0..500 {
@@ -574,9 +578,9 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             assert_eq!(all.len() as u64, after.n_appliances);
             for e in &all {
                 let r = &e.reservation;
-                // Top-up deferrals start from the next minute on, never in the past, and keep to the classes
-                // the event relies on.
-                assert!(r.not_before_unix_ms == first || r.not_before_unix_ms >= start + 60_000);
+                // Top-up deferrals start from the next minute on (the first of them a random start offset
+                // ahead of it, as there is time), never in the past, and keep to the classes the event relies on.
+                assert!(r.not_before_unix_ms == first || r.not_before_unix_ms >= start + 60_000 - randomize_ms);
                 assert_eq!(r.class, ApplianceClass::Fridge);
             }
             // From the minute after the top-up starts, what the event looks like delivering (the plan with the
