@@ -188,7 +188,7 @@ pub fn plan_pick_sign(inner: &Inner, input: &DispatchInput<'_>) -> Result<Picked
 /// minute landing in the next: there the lead is a margin, at no extra appliance. In the season, planned with the
 /// same allowance as the rest, the first minutes delivered 126 % of target on average but scattered by 16 % (a
 /// few hundred EV chargers, a sixth of which charge), and one or two evenings a run fell under 95 %; twice the
-/// allowance there instead took a fifth more chargers, whose payback put 3 and 4 evenings a run over the
+/// allowance there instead took a fifth more chargers, whose payback put 4 and 3 evenings a run over the
 /// rebound cap. An event whose first slot led is weighed five seconds into each slot, not thirty-five, so that
 /// its top-ups go out in time to lead theirs (`RuntimeState::first_slot_led`). Only the first slot: with every
 /// slot of a plan led, its deferrals ended half a minute before the plan counted on, and the plateau's last

@@ -1339,7 +1339,6 @@ const TAIL_TOP_UP_SLOTS_MAX: usize = 60;
 /// its last deferral has ended), and tops the event up on a task of its own where what its devices reported
 /// foretells a shortfall in the window, or, after it, a rebound over the guard's line.
 fn weigh_events(inner: &Arc<Inner>, now: i64) {
-    let settle_ms = weigh_settle_ms(&inner.config);
     for e in inner.events.iter() {
         let rt = e.value();
         let top_up = {
@@ -1348,7 +1347,7 @@ fn weigh_events(inner: &Arc<Inner>, now: i64) {
             // The guard and the tail top-up follow the rebound after the window, while deferrals are still
             // under way.
             let guarding = matches!(st.record.state, EventState::Active | EventState::Completed) && !st.closed;
-            let settle_ms = if st.first_slot_led { WEIGH_SETTLE_MS } else { settle_ms };
+            let settle_ms = weigh_settle_ms(&inner.config, st.first_slot_led);
             if !guarding || now < weigh_due_unix_ms(st.weighed_unix_ms, st.record.spec.start_unix_ms, settle_ms) {
                 continue;
             }
@@ -1500,8 +1499,8 @@ fn tail_top_up_w(tail_w: &[f64], first: usize, line_w: f64) -> Vec<f64> {
 /// An event whose first slot's devices went out ahead of it (`RuntimeState::first_slot_led`) is weighed
 /// [`WEIGH_SETTLE_MS`] in: they have all said by then, and its top-ups go out in time to lead their own first
 /// slot.
-fn weigh_settle_ms(config: &EngineConfig) -> i64 {
-    i64::from(config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS
+fn weigh_settle_ms(config: &EngineConfig, first_slot_led: bool) -> i64 {
+    if first_slot_led { WEIGH_SETTLE_MS } else { i64::from(config.randomize_start_s) * 1000 + WEIGH_SETTLE_MS }
 }
 
 /// When an event weighed at `weighed_unix_ms` (`i64::MIN`: never) is weighed next: once a minute, `settle_ms`

@@ -908,8 +908,6 @@ mod tests {
         assert!(delivered.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{delivered:?}");
     }
 
-    /// An active event of ten one-minute slots from minute 60 asking `target_w`, its window's end, and its
-    /// deferral commands of `deferral_min` by device and start.
     /// An event is marked as having led its first slot once a device is sent to start by the slot's opening
     /// whatever its random offset, and not by one that may start after it.
     #[test]
@@ -928,6 +926,8 @@ mod tests {
         assert!(st.first_slot_led);
     }
 
+    /// An active event of ten one-minute slots from minute 60 asking `target_w`, its window's end, and its
+    /// deferral commands of `deferral_min` by device and start.
     fn event(target_w: f64, deferral_min: u32) -> (RuntimeState, i64, impl Fn(u64, i64) -> DeferralCommand) {
         let start = 60 * MS_PER_MIN;
         let spec = StressEventSpec {
