@@ -88,6 +88,12 @@ pub struct EventProgress {
     pub expected_w: Vec<f64>,
     pub delivered_w: Vec<f64>,
     pub n_households: u64,
+    /// Projected net load above baseline per minute from the window's end, W: what the event's devices said they
+    /// will pay back, less shed still under way, with their class's average for those that have not said. The
+    /// rebound guard holds it under `rebound_line_w`. Minutes already past show what the devices reported.
+    pub rebound_w: Vec<f64>,
+    /// The line the rebound guard holds `rebound_w` under, W; `None` while it is not guarding.
+    pub rebound_line_w: Option<f64>,
     /// The event's last deferral has expired: nothing more will change.
     pub closed: bool,
 }

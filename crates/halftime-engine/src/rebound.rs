@@ -167,6 +167,12 @@ impl ReboundGuard {
         }
     }
 
+    /// The projection up to its last minute with anything in it.
+    pub fn projection_w(&self) -> &[f64] {
+        let n = self.tail_w.iter().rposition(|w| w.abs() > 1e-6).map_or(0, |i| i + 1);
+        &self.tail_w[..n]
+    }
+
     /// Whether `t`'s reported payback lands in a minute where the projection is over the cap.
     pub fn over_cap(&self, window_end_unix_ms: i64, t: &DeviceTrack) -> bool {
         let (Some(cap_w), Some(p)) = (self.cap_w, t.payback) else { return false };

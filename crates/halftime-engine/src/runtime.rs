@@ -734,6 +734,8 @@ impl RuntimeState {
             expected_w: self.record.plan.expected_w.clone(),
             delivered_w: self.delivered_w(),
             n_households: self.households.len() as u64,
+            rebound_w: self.rebound.projection_w().to_vec(),
+            rebound_line_w: self.rebound.cap_w,
             closed: self.closed,
         }
     }
@@ -906,6 +908,21 @@ mod tests {
         let want = [100.0, 100.0, 100.0, 100.0, -135.0, -135.0, 0.0, 0.0, 0.0, 0.0];
         let delivered = st.delivered_w();
         assert!(delivered.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{delivered:?}");
+    }
+
+    /// `WatchEvent` shows the rebound projection from the window's end up to its last minute with anything in it,
+    /// and the line the guard holds it under once it guards.
+    #[test]
+    fn progress_shows_the_rebound_projection_and_its_line() {
+        let (mut st, window_end, command) = event(10_000.0, 10);
+        let start = st.record.spec.start_unix_ms;
+        st.add_device(HouseholdId(1), command(1, start), ApplianceClass::EvCharger, 0.0, 0.0, 0);
+        assert_eq!(st.progress().rebound_line_w, None);
+        st.rebound.cap_w = Some(10_000.0);
+        st.apply(ApplianceId(1), DeviceStatus::Started, start, 7_000, payback(window_end, 3, 5));
+        let p = st.progress();
+        assert_eq!(p.rebound_w, vec![0.0, 0.0, 0.0, 7_000.0, 7_000.0]);
+        assert_eq!(p.rebound_line_w, Some(10_000.0));
     }
 
     /// An event is marked as having led its first slot once a device is sent to start by the slot's opening

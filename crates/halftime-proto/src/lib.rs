@@ -274,6 +274,8 @@ pub fn progress_to_pb(p: &EventProgress) -> pb::EventProgress {
         expected_kw: kw(&p.expected_w),
         delivered_kw: kw(&p.delivered_w),
         n_households: p.n_households,
+        rebound_kw: kw(&p.rebound_w),
+        rebound_line_kw: p.rebound_line_w.map_or(0.0, |w| w / 1e3),
     }
 }
 

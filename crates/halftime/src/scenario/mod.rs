@@ -298,6 +298,7 @@ pub async fn run(path: &Path, opts: RunOptions, out: &mut (dyn Write + Send)) ->
         baseline: &baseline,
         events: &live.events,
         estimated_mw: &live.estimated_mw,
+        estimated_rebound_mw: &live.estimated_rebound_mw,
         applied_mw: &live.applied_mw,
         overrides_sent: live.overrides_sent,
     });
@@ -401,6 +402,8 @@ struct Live {
     events: Vec<EventRun>,
     /// The engine's own estimate (`WatchEvent`) per minute of the windows, in order.
     estimated_mw: Vec<f64>,
+    /// The engine's projected rebound (`WatchEvent`) per minute of the windows, as it stood at the minute's end.
+    estimated_rebound_mw: Vec<f64>,
     /// What the appliances reported shedding per minute of the windows.
     applied_mw: Vec<f64>,
     overrides_sent: u64,
@@ -447,7 +450,7 @@ async fn drive(
     let mut operator = operator_client(sim.url, opts.token.as_deref()).await?;
     let mut runs: Vec<EventRun> = Vec::new();
     let mut pending: Vec<(usize, &PlannedEvent)> = events.iter().enumerate().rev().collect();
-    let (mut estimated_mw, mut applied_mw) = (Vec::new(), Vec::new());
+    let (mut estimated_mw, mut estimated_rebound_mw, mut applied_mw) = (Vec::new(), Vec::new(), Vec::new());
     if opts.print_minutes {
         writeln!(
             out,
@@ -491,6 +494,7 @@ async fn drive(
                 })?;
             }
             estimated_mw.push(row.estimated_mw);
+            estimated_rebound_mw.push(row.estimated_rebound_mw);
             applied_mw.push(row.applied_mw);
             bar.inc(1);
             minute = next;
@@ -517,6 +521,7 @@ async fn drive(
         windows,
         events: runs,
         estimated_mw,
+        estimated_rebound_mw,
         applied_mw,
         overrides_sent: overrides_sent.load(Ordering::Relaxed),
     })
@@ -685,6 +690,7 @@ struct LiveRow {
     target_mw: f64,
     expected_mw: f64,
     estimated_mw: f64,
+    estimated_rebound_mw: f64,
     applied_mw: f64,
     households: usize,
 }
@@ -702,18 +708,22 @@ fn live_row(
     };
     let target_kw: f64 = runs.iter().map(|r| slot(r.plan.start_unix_ms, &r.plan.target_kw)).sum();
     let expected_kw: f64 = runs.iter().map(|r| slot(r.plan.start_unix_ms, &r.plan.expected_kw)).sum();
-    let estimated_kw: f64 = progress
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .map(|p| slot(p.start_unix_ms, &p.delivered_kw))
-        .sum();
+    let (estimated_kw, estimated_rebound_kw) = {
+        let progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+        let estimated_kw: f64 = progress.values().map(|p| slot(p.start_unix_ms, &p.delivered_kw)).sum();
+        let rebound_kw: f64 = progress
+            .values()
+            .map(|p| slot(p.start_unix_ms + p.target_kw.len() as i64 * MS_PER_MIN, &p.rebound_kw))
+            .sum();
+        (estimated_kw, rebound_kw)
+    };
     let (applied_w, households) = log.reported_in_minute(minute);
     // `+ 0.0` turns the empty sum's -0.0 into 0.0 for printing.
     LiveRow {
         target_mw: target_kw / 1e3 + 0.0,
         expected_mw: expected_kw / 1e3 + 0.0,
         estimated_mw: estimated_kw.max(0.0) / 1e3,
+        estimated_rebound_mw: estimated_rebound_kw.max(0.0) / 1e3,
         applied_mw: applied_w / 1e6,
         households,
     }

@@ -115,6 +115,7 @@ pub fn target(r: &Report, path: &Path) -> anyhow::Result<()> {
             ("delivered (net reduction)", col(|m| m.delivered_mw), BLUE),
             ("rebound (net rise)", col(|m| m.rebound_mw), RED),
             ("engine estimate", col(|m| m.estimated_mw), RGBColor(0, 150, 0)),
+            ("engine rebound estimate", col(|m| m.estimated_rebound_mw), RGBColor(230, 140, 0)),
         ],
     )
 }

@@ -99,6 +99,7 @@ pub struct Inputs<'a> {
     pub baseline: &'a Baseline,
     pub events: &'a [EventRun],
     pub estimated_mw: &'a [f64],
+    pub estimated_rebound_mw: &'a [f64],
     pub applied_mw: &'a [f64],
     pub overrides_sent: u64,
 }
@@ -127,6 +128,9 @@ pub struct Minute {
     pub shortfall_mw: f64,
     /// The engine's own estimate on `WatchEvent`.
     pub estimated_mw: f64,
+    /// The engine's projected rebound on `WatchEvent` at the minute's end (what the devices said they would pay
+    /// back, less shed still under way): what its rebound guard held under its line.
+    pub estimated_rebound_mw: f64,
     /// What the appliances reported shedding when they started (their average over the planned window).
     pub reported_mw: f64,
     pub with_halftime_mw: f64,
@@ -319,6 +323,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
                 planned_rebound_mw: planned_rebound_kw / 1e3 + 0.0,
                 shortfall_mw: shortfall_kw / 1e3 + 0.0,
                 estimated_mw: i.estimated_mw.get(k).copied().unwrap_or(0.0),
+                estimated_rebound_mw: i.estimated_rebound_mw.get(k).copied().unwrap_or(0.0),
                 reported_mw: i.applied_mw.get(k).copied().unwrap_or(0.0),
                 with_halftime_mw: baseline_mw + (payback[m] - shed[m]) / 1e6,
             });
@@ -693,12 +698,12 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n## Per minute (MW)\n\n| minute (UTC) | baseline | target | delivered | rebound | shed | payback | suppliable | engine estimate | with Halftime |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n## Per minute (MW)\n\n| minute (UTC) | baseline | target | delivered | rebound | shed | payback | suppliable | engine estimate | engine rebound estimate | with Halftime |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for m in &r.minutes {
         let _ = writeln!(
             s,
-            "| {} | {:.3} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.3} |",
+            "| {} | {:.3} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} | {:.3} |",
             m.t,
             m.baseline_mw,
             m.target_mw,
@@ -708,6 +713,7 @@ fn markdown(r: &Report) -> String {
             m.payback_mw,
             m.suppliable_mw,
             m.estimated_mw,
+            m.estimated_rebound_mw,
             m.with_halftime_mw
         );
     }
