@@ -1325,6 +1325,9 @@ const TOP_UPS_MAX: u32 = 6;
 /// A top-up is planned only where the foretold shortfall in some minute is at least this share of the peak
 /// target: a few percent is within the plan's own allowance for scatter.
 const TOP_UP_SHORTFALL_SHARE_MIN: f64 = 0.02;
+/// A window top-up counts on its devices shedding at least this share of their class's expectation, however
+/// short the devices before it fell (`Realised::yield_counted_on`).
+const TOP_UP_YIELD_MIN: f64 = 0.5;
 /// A top-up draws only on classes that carry at least this share of the event's planned reduction.
 const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
 /// Top-ups per event after its window, at most.
@@ -1407,6 +1410,10 @@ fn window_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig
     if !residual_w.iter().any(|&w| w >= TOP_UP_SHORTFALL_SHARE_MIN * peak_w) {
         return None;
     }
+    // The top-up draws on the same classes tonight: it asks for as much more as they are falling short by.
+    let yield_counted_on = realised.yield_counted_on(TOP_UP_YIELD_MIN);
+    let shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3;
+    let residual_w: Vec<f64> = residual_w.into_iter().map(|w| w / yield_counted_on).collect();
     tracing::info!(
         event = st.record.id.0,
         reported = realised.n_known,
@@ -1414,7 +1421,8 @@ fn window_top_up(st: &mut runtime::RuntimeState, now: i64, config: &EngineConfig
         overridden = realised.n_overridden,
         expected_kw = realised.expected_w / 1e3,
         reported_kw = realised.reported_w / 1e3,
-        shortfall_kw = residual_w.iter().copied().fold(0.0, f64::max) / 1e3,
+        shortfall_kw,
+        yield_counted_on,
         "devices report less than planned"
     );
     st.n_top_ups += 1;

@@ -584,11 +584,22 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
                 assert_eq!(r.class, ApplianceClass::Fridge);
             }
             // From the minute after the top-up starts, what the event looks like delivering (the plan with the
-            // top-up, less what the first devices lost) is back where the first plan was.
+            // top-up, less what the first devices lost) is back where the first plan was; and still is if the
+            // top-up's own fridges shed only what the engine counts on from how the first ones did (planned at
+            // the class's expectation instead, it fell up to 4 % short from slot 4 on).
+            let yield_counted_on = {
+                let rt = engine.inner.events.get(&id).map(|e| Arc::clone(e.value())).unwrap();
+                let st = rt.lock();
+                st.realised.yield_counted_on(TOP_UP_YIELD_MIN)
+            };
+            assert!(yield_counted_on < 0.7, "counted on {yield_counted_on} of what the class is expected to shed");
             for t in 2..target_kw.len() {
                 let want_w = target_kw[t].min(before.expected_w[t] / 1e3) * 1e3;
                 let now_w = after.expected_w[t] - lost_w[t];
                 assert!(now_w >= 0.95 * want_w, "slot {t}: {now_w} W of {want_w} W (lost {} W)", lost_w[t]);
+                let added_w = after.expected_w[t] - before.expected_w[t];
+                let counted_w = now_w - (1.0 - yield_counted_on) * added_w;
+                assert!(counted_w >= want_w, "slot {t}: {counted_w} W of {want_w} W counting on {yield_counted_on}");
             }
             // What the engine projects after the window (the first devices' own payback, the class average for
             // the rest) stays under the cap, and not because the guard released anything.
