@@ -129,7 +129,7 @@ pub struct Minute {
     /// The engine's own estimate on `WatchEvent`.
     pub estimated_mw: f64,
     /// The engine's projected rebound on `WatchEvent` at the minute's end (what the devices said they would pay
-    /// back, less shed still under way): what its rebound guard held under its line.
+    /// back, less shed still under way): what its rebound guard holds under its line where it can.
     pub estimated_rebound_mw: f64,
     /// What the appliances reported shedding when they started (their average over the planned window).
     pub reported_mw: f64,
