@@ -180,6 +180,10 @@ pub struct FairnessGroup {
     /// Deferrals applied per household, on average, and the share of households never deferred.
     pub deferrals_mean: f64,
     pub never_deferred_share: f64,
+    /// The highest index the group's deferrals could have given, however they were shared: an index is at most
+    /// the share of households carrying any burden (Cauchy–Schwarz), so a group deferred fewer times than it has
+    /// households cannot reach 1. Tells a planner that left some out from a group that had little to share.
+    pub jain_reachable: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -576,11 +580,19 @@ fn fairness(i: &Inputs<'_>) -> (Vec<FairnessGroup>, Vec<f64>, usize) {
                 burden_mean_kw_min: burden.iter().sum::<f64>() / n,
                 deferrals_mean: v.iter().map(|x| f64::from(x.1)).sum::<f64>() / n,
                 never_deferred_share: v.iter().filter(|x| x.1 == 0).count() as f64 / n,
+                jain_reachable: jain_reachable(v.iter().map(|x| x.1)),
             }
         })
         .collect();
     out.sort_by(|a, b| b.n_households.cmp(&a.n_households).then(a.classes.cmp(&b.classes)));
     (out, burden_minutes, minutes.len())
+}
+
+/// The highest Jain's index a group can reach with these deferral counts per household shared out anew: the
+/// share of households that would carry some burden, one deferral each, at most 1. 1 for a group never deferred.
+fn jain_reachable(deferrals: impl Iterator<Item = u32>) -> f64 {
+    let (n, sum) = deferrals.fold((0u64, 0u64), |(n, s), d| (n + 1, s + u64::from(d)));
+    if sum == 0 { 1.0 } else { (sum as f64 / n as f64).min(1.0) }
 }
 
 /// Jain's fairness index: 1 when all are equal, 1/n when one carries everything. 1 for an empty or all-zero set.
@@ -642,21 +654,22 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "\n## Fairness\n");
     let _ = writeln!(
         s,
-        "Burden is minutes deferred weighted by expected kW. Jain's index over households enrolled alike (same classes, default limits), weighted mean **{:.3}**, lowest group {:.3}. Burden per participating household: median {:.1} min, max {:.1} min.\n",
+        "Burden is minutes deferred weighted by expected kW. Jain's index over households enrolled alike (same classes, default limits), weighted mean **{:.3}**, lowest group {:.3}. A group deferred fewer times than it has households cannot reach 1: \"reachable\" is the most its deferrals allow. Burden per participating household: median {:.1} min, max {:.1} min.\n",
         r.jain_burden, r.jain_burden_min_group, r.burden_median_minutes, r.burden_max_minutes
     );
     let _ = writeln!(
         s,
-        "| classes enrolled | households | Jain | mean burden kW·min | deferrals per household | never deferred |\n\
-         |---|---:|---:|---:|---:|---:|"
+        "| classes enrolled | households | Jain | reachable | mean burden kW·min | deferrals per household | never deferred |\n\
+         |---|---:|---:|---:|---:|---:|---:|"
     );
     for g in r.fairness_groups.iter().take(12) {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.3} | {:.2} | {:.2} | {:.1} % |",
+            "| {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {:.1} % |",
             g.classes,
             g.n_households,
             g.jain,
+            g.jain_reachable,
             g.burden_mean_kw_min,
             g.deferrals_mean,
             100.0 * g.never_deferred_share
@@ -729,6 +742,17 @@ mod tests {
         assert_eq!(jain(&[2.0, 2.0, 2.0]), 1.0);
         assert!((jain(&[1.0, 0.0, 0.0, 0.0]) - 0.25).abs() < 1e-12);
         assert_eq!(jain(&[]), 1.0);
+    }
+
+    #[test]
+    fn a_group_deferred_fewer_times_than_it_has_households_cannot_reach_one() {
+        assert_eq!(jain_reachable([1, 0, 0, 1].into_iter()), 0.5);
+        assert_eq!(jain_reachable([3, 0, 0, 0].into_iter()), 0.75);
+        assert_eq!(jain_reachable([2, 2, 1].into_iter()), 1.0);
+        assert_eq!(jain_reachable([0, 0].into_iter()), 1.0);
+        // The bound holds for any sharing of burden among the households that were deferred.
+        let burden = [5.0, 0.0, 1.0, 0.0, 0.0];
+        assert!(jain(&burden) <= jain_reachable([1, 0, 1, 0, 0].into_iter()));
     }
 
     #[test]
