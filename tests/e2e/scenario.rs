@@ -72,6 +72,10 @@ async fn the_small_scenario_runs_to_completion_and_its_report_holds_the_invarian
     for key in ["plan_ready", "all_queued", "ack_p50", "ack_p99"] {
         assert!(json["latency_ms"].get(key).is_some(), "report.json latency_ms lacks {key}");
     }
+    // What the engine did on its own comes from its last WatchEvent update.
+    for key in ["top_ups", "tail_top_ups", "guard_released"] {
+        assert!(json["events"][0]["engine"][key].is_u64(), "report.json events lack engine.{key}");
+    }
     assert!(std::fs::read_to_string(out_dir.path().join("report.md")).unwrap().contains("## Fairness"));
     for plot in ["demand.svg", "target.svg", "burden.svg"] {
         let svg = std::fs::read_to_string(out_dir.path().join(plot)).unwrap();

@@ -94,6 +94,11 @@ pub struct EventProgress {
     pub rebound_w: Vec<f64>,
     /// The line the rebound guard holds `rebound_w` under, W; `None` while it is not guarding.
     pub rebound_line_w: Option<f64>,
+    /// What the engine has done on its own since the plan: top-ups planned in the window (devices reporting less
+    /// than planned) and after it (a rebound to come over the line), and deferrals the rebound guard released.
+    pub n_top_ups: u32,
+    pub n_tail_top_ups: u32,
+    pub n_guard_released: u64,
     /// The event's last deferral has expired: nothing more will change.
     pub closed: bool,
 }

@@ -755,6 +755,9 @@ impl RuntimeState {
             n_households: self.households.len() as u64,
             rebound_w: self.rebound.projection_w().to_vec(),
             rebound_line_w: self.rebound.cap_w,
+            n_top_ups: self.n_top_ups,
+            n_tail_top_ups: self.n_tail_top_ups,
+            n_guard_released: self.rebound.n_released,
             closed: self.closed,
         }
     }
@@ -1050,6 +1053,7 @@ mod tests {
         st.apply(ApplianceId(3), DeviceStatus::Started, start, 7_000, payback(window_end, 120, 125));
         assert_eq!(st.guard_releases, vec![ApplianceId(2)]);
         assert_eq!(st.rebound.n_released, 1);
+        assert_eq!(st.progress().n_guard_released, 1);
         // Released a tenth of the way in: until it says, the engine counts a tenth of its payback (0.8 of 8 minutes),
         // from where it began.
         let released_at = start + MS_PER_MIN;

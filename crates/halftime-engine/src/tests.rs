@@ -574,6 +574,8 @@ fn devices_that_shed_less_than_planned_are_topped_up() {
             }
             let after = plan_now();
             assert!(after.n_appliances > before.n_appliances, "not topped up at {realised}");
+            let progress = engine.inner.events.get(&id).map(|e| e.value().lock().progress()).unwrap();
+            assert!(progress.n_top_ups >= 1 && progress.n_tail_top_ups == 0, "{progress:?}");
             let all: Vec<_> = engine.ledger().all_entries().into_iter().filter(|e| e.reservation.event == id).collect();
             assert_eq!(all.len() as u64, after.n_appliances);
             for e in &all {
@@ -868,9 +870,13 @@ fn rebound_to_come_over_the_cap_is_topped_up_after_the_window() {
                 assert!(weighed_after_window(), "not weighed after the window");
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 assert_eq!(plan_now().n_appliances, before.n_appliances, "topped up under the line");
+                assert_eq!(rt.lock().progress().n_tail_top_ups, 0);
                 return;
             }
             assert!(plan_now().n_appliances > before.n_appliances, "not topped up");
+            // The operator watching the event sees it, as a top-up after the window.
+            let progress = rt.lock().progress();
+            assert_eq!((progress.n_top_ups, progress.n_tail_top_ups), (0, 1));
             let first_plan: HashSet<ApplianceId> = entries.iter().map(|e| e.reservation.appliance).collect();
             let added: Vec<halftime_core::Reservation> = engine
                 .ledger()

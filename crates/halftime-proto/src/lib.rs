@@ -276,6 +276,9 @@ pub fn progress_to_pb(p: &EventProgress) -> pb::EventProgress {
         n_households: p.n_households,
         rebound_kw: kw(&p.rebound_w),
         rebound_line_kw: p.rebound_line_w.map_or(0.0, |w| w / 1e3),
+        top_ups: p.n_top_ups,
+        tail_top_ups: p.n_tail_top_ups,
+        guard_released: p.n_guard_released,
     }
 }
 

@@ -27,7 +27,7 @@ use halftime_sim::demand::{self, format_utc, parse_utc};
 use halftime_sim::scenario::{BaselineSpec, WEEKDAYS};
 use halftime_sim::{EventSpec, Population, Scenario, SimAppliance, SimLog};
 use indicatif::{ProgressBar, ProgressStyle};
-use report::{AckTimes, EventRun, Report};
+use report::{AckTimes, EngineActions, EventRun, Report};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -503,8 +503,10 @@ async fn drive(
     bar.finish_and_clear();
     {
         let acks = acks.lock().unwrap_or_else(|e| e.into_inner());
+        let progress = progress.lock().unwrap_or_else(|e| e.into_inner());
         for r in &mut runs {
             r.acks = acks.get(&r.event_id).cloned().unwrap_or_default();
+            r.engine = progress.get(&r.event_id).map(EngineActions::of).unwrap_or_default();
         }
     }
     override_task.abort();
@@ -683,7 +685,14 @@ async fn submit(
             progress.lock().unwrap_or_else(|e| e.into_inner()).insert(p.event_id, p);
         }
     });
-    Ok(EventRun { event_id, label: e.label.clone(), submit_rpc_ms, plan, acks: AckTimes::default() })
+    Ok(EventRun {
+        event_id,
+        label: e.label.clone(),
+        submit_rpc_ms,
+        plan,
+        acks: AckTimes::default(),
+        engine: EngineActions::default(),
+    })
 }
 
 struct LiveRow {

@@ -67,6 +67,24 @@ pub struct EventRun {
     pub submit_rpc_ms: f64,
     pub plan: pb::PlanSummary,
     pub acks: AckTimes,
+    pub engine: EngineActions,
+}
+
+/// What the engine did on its own for an event after planning it, as its last `WatchEvent` update said.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EngineActions {
+    /// Top-ups planned in the window (its devices reporting less than planned) and after it (a rebound to come
+    /// over the guard's line).
+    pub top_ups: u32,
+    pub tail_top_ups: u32,
+    /// Deferrals the rebound guard released early.
+    pub guard_released: u64,
+}
+
+impl EngineActions {
+    pub fn of(p: &pb::EventProgress) -> Self {
+        Self { top_ups: p.top_ups, tail_top_ups: p.tail_top_ups, guard_released: p.guard_released }
+    }
 }
 
 impl EventRun {
@@ -158,6 +176,7 @@ pub struct EventSummary {
     pub rebound_peak_at: String,
     pub rebound_peak_fraction: f64,
     pub acks: AckTimes,
+    pub engine: EngineActions,
 }
 
 /// Worst (largest) over the run's events, ms of real time.
@@ -371,6 +390,7 @@ pub fn build(i: &Inputs<'_>) -> Report {
             rebound_peak_at: format_utc(rise_at),
             rebound_peak_fraction: if peak_w > 0.0 { rise_w / peak_w } else { 0.0 },
             acks: e.acks.clone(),
+            engine: e.engine.clone(),
         })
         .collect();
     let worst = |f: &dyn Fn(&EventSummary) -> f64| events.iter().map(f).fold(0.0, f64::max);
@@ -689,12 +709,12 @@ fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "\n## Events\n\nThe rebound columns are over the event's stretch of the run, its late payback included.\n\n| event | start | slots | peak target MW | appliances | households | LP ms | shortfall MWh | largest net rise MW | at | / stretch's peak reduction |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+        "\n## Events\n\nThe rebound columns are over the event's stretch of the run, its late payback included. Top-ups are what the engine planned on its own, in the window and after it; releases are deferrals its rebound guard ended early.\n\n| event | start | slots | peak target MW | appliances | households | LP ms | shortfall MWh | largest net rise MW | at | / stretch's peak reduction | top-ups (window + after) | guard releases |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     );
     for e in &r.events {
         let _ = writeln!(
             s,
-            "| {} {} | {} | {} | {:.3} | {} | {} | {:.1} | {:.4} | {:.4} | {} | {:.1} % |",
+            "| {} {} | {} | {} | {:.3} | {} | {} | {:.1} | {:.4} | {:.4} | {} | {:.1} % | {} + {} | {} |",
             e.event_id,
             e.label,
             e.start,
@@ -706,7 +726,10 @@ fn markdown(r: &Report) -> String {
             e.shortfall_mwh,
             e.rebound_peak_mw,
             e.rebound_peak_at,
-            100.0 * e.rebound_peak_fraction
+            100.0 * e.rebound_peak_fraction,
+            e.engine.top_ups,
+            e.engine.tail_top_ups,
+            e.engine.guard_released
         );
     }
     let _ = writeln!(
