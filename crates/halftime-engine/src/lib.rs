@@ -1330,8 +1330,10 @@ const TOP_UP_SHORTFALL_SHARE_MIN: f64 = 0.02;
 const TOP_UP_YIELD_MIN: f64 = 0.5;
 /// A top-up draws only on classes that carry at least this share of the event's planned reduction.
 const TOP_UP_CLASS_SHARE_MIN: f64 = 0.05;
-/// Top-ups per event after its window, at most.
-const TAIL_TOP_UPS_MAX: u32 = 3;
+/// Top-ups per event after its window, at most: one a minute can follow a cliff the projection sees late (a block
+/// of deferrals ending together). At three, a season evening spent its last on a 5 kW excess and then saw its
+/// projection climb 19 kW over the line with none left.
+const TAIL_TOP_UPS_MAX: u32 = 6;
 /// A tail top-up is planned only where the rebound to come goes over the guard's line by at least this share of
 /// it in some minute.
 const TAIL_TOP_UP_LINE_SHARE_MIN: f64 = 0.05;
