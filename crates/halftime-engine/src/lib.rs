@@ -555,7 +555,7 @@ impl Engine {
         metrics::counter!("halftime_events_submitted_total").increment(1);
 
         let target = record.spec.target_w.clone();
-        let plan = self.dispatch(&rt, 0, target, None, 1.0, received).await?;
+        let (plan, _) = self.dispatch(&rt, 0, target, None, 1.0, received).await?;
         metrics::histogram!("halftime_submit_seconds").record(received.elapsed().as_secs_f64());
         tracing::info!(
             event = id.0,
@@ -573,7 +573,8 @@ impl Engine {
     /// Plans `target_w` (the event's slots from `first_slot` on) over its regions and dispatches what was
     /// picked. Merges the result into the event's plan summary (additive, for updates) and records it. A later
     /// dispatch shares the event's rebound cap with what the earlier ones expect, scaled by
-    /// `prior_rebound_scale` (what their devices reported shedding, as a share of the plan).
+    /// `prior_rebound_scale` (what their devices reported shedding, as a share of the plan). Returns the event's
+    /// plan summary and the most this dispatch left of `target_w` unplanned in any slot, W.
     async fn dispatch(
         &self,
         rt: &Arc<EventRuntime>,
@@ -582,7 +583,7 @@ impl Engine {
         classes: Option<[bool; halftime_core::appliance::N_CLASSES]>,
         prior_rebound_scale: f64,
         received: std::time::Instant,
-    ) -> Result<PlanSummary, EngineError> {
+    ) -> Result<(PlanSummary, f64), EngineError> {
         let (event, event_start, already_deferred, rebound_reference_w, prior, regions, deferral_min_max) = {
             let st = rt.lock();
             let spec = &st.record.spec;
@@ -671,6 +672,7 @@ impl Engine {
             return Err(e.into());
         }
         let plan_ready_us = micros(picked.picked_at.saturating_duration_since(received));
+        let unplanned_w = picked.evaluation.shortfall_w.iter().copied().fold(0.0, f64::max);
         {
             let mut st = rt.lock();
             for (r, c) in dispatch.reservations.iter().zip(&dispatch.commands) {
@@ -712,7 +714,7 @@ impl Engine {
         self.put_event(record).await?;
         metrics::counter!("halftime_commands_signed_total").increment(dispatch.commands.len() as u64);
         rt.publish();
-        Ok(summary)
+        Ok((summary, unplanned_w))
     }
 
     /// Plans `residual_w` (the event's slots from `first_slot` on) among appliances not yet deferred: what the
@@ -732,12 +734,14 @@ impl Engine {
         let top_up = self.dispatch(&rt, first_slot, residual_w, Some(classes), realised_ratio, received).await;
         rt.lock().top_up_in_flight = false;
         match top_up {
-            Ok(plan) => {
+            Ok((plan, unplanned_w)) => {
                 let n = plan.n_appliances.saturating_sub(n_before);
                 let phase = phase.label();
                 metrics::counter!("halftime_top_ups_total", "phase" => phase).increment(1);
                 metrics::counter!("halftime_top_up_appliances_total", "phase" => phase).increment(n);
-                tracing::info!(event = event.0, appliances = n, first_slot, phase, "event topped up");
+                // What it could not plan: the rebound's room, households' limits, or classes it may not use.
+                let unplanned_kw = unplanned_w / 1e3;
+                tracing::info!(event = event.0, appliances = n, first_slot, phase, unplanned_kw, "event topped up");
             }
             Err(e) => tracing::warn!(event = event.0, error = %e, phase = phase.label(), "top-up not dispatched"),
         }
