@@ -76,6 +76,8 @@ async fn the_small_scenario_runs_to_completion_and_its_report_holds_the_invarian
     for key in ["top_ups", "tail_top_ups", "guard_released"] {
         assert!(json["events"][0]["engine"][key].is_u64(), "report.json events lack engine.{key}");
     }
+    // The run kept the clock going until the engine was done with every event.
+    assert!(report.events.iter().all(|e| e.engine.closed), "an event still open when the run ended\n{text}");
     assert!(std::fs::read_to_string(out_dir.path().join("report.md")).unwrap().contains("## Fairness"));
     for plot in ["demand.svg", "target.svg", "burden.svg"] {
         let svg = std::fs::read_to_string(out_dir.path().join(plot)).unwrap();

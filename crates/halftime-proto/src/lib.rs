@@ -279,6 +279,7 @@ pub fn progress_to_pb(p: &EventProgress) -> pb::EventProgress {
         top_ups: p.n_top_ups,
         tail_top_ups: p.n_tail_top_ups,
         guard_released: p.n_guard_released,
+        closed: p.closed,
     }
 }
 

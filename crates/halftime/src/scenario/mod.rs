@@ -458,12 +458,18 @@ async fn drive(
             "minute (UTC)", "target MW", "expected", "estimated", "reported", "households", "overrides"
         )?;
     }
-    for &(from, to) in &windows {
+    let mut ran_windows = Vec::with_capacity(windows.len());
+    for (w, &(from, to)) in windows.iter().enumerate() {
         if let Some(c) = virtual_clock {
             c.advance_to(from);
         }
+        // The engine still acts on an event after its window until the event's last deferral has ended (the
+        // rebound guard's releases, its top-ups after the window, which start deferrals of their own): the clock
+        // jumps only once every event is closed, or at the bound, or where the next window begins.
+        let next_from = windows.get(w + 1).map_or(i64::MAX, |&(f, _)| f);
+        let to_max = (to + WINDOW_EXTENSION_MIN_MAX * MS_PER_MIN).min(next_from);
         let mut minute = from;
-        while minute < to {
+        while minute < to || (minute < to_max && any_open(&progress)) {
             // Submit what is due: announced events `submit_lead_min` ahead, trips the moment they happen.
             while let Some((i, e)) = pending.last().copied() {
                 let lead = if e.announced { i64::from(scenario.run.submit_lead_min) * MS_PER_MIN } else { 0 };
@@ -499,6 +505,7 @@ async fn drive(
             bar.inc(1);
             minute = next;
         }
+        ran_windows.push((from, minute));
     }
     bar.finish_and_clear();
     {
@@ -520,7 +527,7 @@ async fn drive(
         shift_ms,
         log,
         limits_of,
-        windows,
+        windows: ran_windows,
         events: runs,
         estimated_mw,
         estimated_rebound_mw,
@@ -702,6 +709,16 @@ struct LiveRow {
     estimated_rebound_mw: f64,
     applied_mw: f64,
     households: usize,
+}
+
+/// Minutes a window runs on past its planned end, at most, for events whose deferrals are still running (top-ups
+/// after the window start their own).
+const WINDOW_EXTENSION_MIN_MAX: i64 = 120;
+
+/// Whether an event watched is not yet closed (its last deferral has not ended), as its last update said.
+fn any_open(progress: &Mutex<HashMap<u64, pb::EventProgress>>) -> bool {
+    let progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+    progress.values().any(|p| !p.closed && p.state != pb::EventState::Cancelled as i32)
 }
 
 fn live_row(

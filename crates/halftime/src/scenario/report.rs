@@ -79,11 +79,13 @@ pub struct EngineActions {
     pub tail_top_ups: u32,
     /// Deferrals the rebound guard released early.
     pub guard_released: u64,
+    /// The run watched the event until its last deferral ended.
+    pub closed: bool,
 }
 
 impl EngineActions {
     pub fn of(p: &pb::EventProgress) -> Self {
-        Self { top_ups: p.top_ups, tail_top_ups: p.tail_top_ups, guard_released: p.guard_released }
+        Self { top_ups: p.top_ups, tail_top_ups: p.tail_top_ups, guard_released: p.guard_released, closed: p.closed }
     }
 }
 
