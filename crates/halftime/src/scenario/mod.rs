@@ -468,8 +468,10 @@ async fn drive(
         // jumps only once every event is closed, or at the bound, or where the next window begins.
         let next_from = windows.get(w + 1).map_or(i64::MAX, |&(f, _)| f);
         let to_max = (to + WINDOW_EXTENSION_MIN_MAX * MS_PER_MIN).min(next_from);
+        // Only this window's events: one an earlier window left open at its bound would hold every later one.
+        let first_run = runs.len();
         let mut minute = from;
-        while minute < to || (minute < to_max && any_open(&progress)) {
+        while minute < to || (minute < to_max && any_open(&progress, &runs[first_run..])) {
             // Submit what is due: announced events `submit_lead_min` ahead, trips the moment they happen.
             while let Some((i, e)) = pending.last().copied() {
                 let lead = if e.announced { i64::from(scenario.run.submit_lead_min) * MS_PER_MIN } else { 0 };
@@ -715,10 +717,12 @@ struct LiveRow {
 /// after the window start their own).
 const WINDOW_EXTENSION_MIN_MAX: i64 = 120;
 
-/// Whether an event watched is not yet closed (its last deferral has not ended), as its last update said.
-fn any_open(progress: &Mutex<HashMap<u64, pb::EventProgress>>) -> bool {
+/// Whether one of `runs` is not yet closed (its last deferral has not ended), as its last update said.
+fn any_open(progress: &Mutex<HashMap<u64, pb::EventProgress>>, runs: &[EventRun]) -> bool {
     let progress = progress.lock().unwrap_or_else(|e| e.into_inner());
-    progress.values().any(|p| !p.closed && p.state != pb::EventState::Cancelled as i32)
+    runs.iter()
+        .filter_map(|r| progress.get(&r.event_id))
+        .any(|p| !p.closed && p.state != pb::EventState::Cancelled as i32)
 }
 
 fn live_row(
